@@ -1,0 +1,58 @@
+"""Shared LightningDataModule plumbing: loader settings and the sample-stack contract."""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset
+import lightning as L
+
+
+class FusionDataModule(L.LightningDataModule):
+    """Subclasses build ``self.train_set`` / ``self.val_set`` (and optionally ``self.test_set``) in
+    ``setup``; each item is a float tensor ``[k_max + 1, C, H, W]`` in [0, 1], target last."""
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        k_max: int = 3,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
+        if k_max < 0:
+            raise ValueError(f"dataset.k_max must be >= 0, got {k_max}")
+        if num_workers < 0:
+            raise ValueError(f"dataset.num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.k_max = k_max
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, self.val_batch_size, shuffle=False)

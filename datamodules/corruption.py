@@ -1,0 +1,64 @@
+"""Vectorised "ellipse window" corruption (DESIGN.md section 2).
+
+For each view, ``n_ellipses`` ellipses with integer radius r in [r_low, r_high), integer
+centre in [1, res - 2) and elongation e ~ U[0.5, 1.5) are drawn; pixel (i, j) is visible if
+sqrt(e (i - cx)^2 + (j - cy)^2 / e) <= r. A view is ``clamp(img + std * N(0, 1), 0, 1) * mask``:
+noisy inside the windows, 0 outside; mask and noise are shared across colour channels.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def ellipse_masks(
+    n: int,
+    views: int,
+    height: int,
+    width: int,
+    n_ellipses: int,
+    r_low: int,
+    r_high: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Boolean visibility masks ``[n, views, 1, height, width]``."""
+    if r_high <= r_low:
+        raise ValueError(f"ellipse radius range [r_low={r_low}, r_high={r_high}) is empty; need r_high > r_low")
+    if min(height, width) < 4:
+        raise ValueError(f"image {height}x{width} is too small for ellipse windows (need >= 4x4)")
+    shape = (n, views, n_ellipses, 1, 1)
+    g = generator
+    r = torch.randint(r_low, r_high, shape, generator=g).float()
+    cx = torch.randint(1, height - 2, shape, generator=g).float()  # row centre (i)
+    cy = torch.randint(1, width - 2, shape, generator=g).float()  # column centre (j)
+    e = torch.rand(shape, generator=g) + 0.5
+    i = torch.arange(height, dtype=torch.float32).view(height, 1)
+    j = torch.arange(width, dtype=torch.float32).view(1, width)
+    dist2 = e * (i - cx) ** 2 + (j - cy) ** 2 / e  # [n, views, n_ellipses, H, W]
+    return (dist2 <= r * r).any(dim=2, keepdim=True)
+
+
+def corrupt(
+    images: torch.Tensor,
+    views: int,
+    n_ellipses: int,
+    r_low: int,
+    r_high: int,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Corrupted views ``[N, views, C, H, W]`` of clean ``images [N, C, H, W]`` in [0, 1]."""
+    if images.dim() != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    mask = ellipse_masks(n, views, h, w, n_ellipses, r_low, r_high, generator)
+    out = images.unsqueeze(1).expand(n, views, *images.shape[1:])
+    if noise_std > 0:
+        noise = torch.randn((n, views, 1, h, w), generator=generator)
+        out = (out + noise_std * noise).clamp_(0.0, 1.0)
+    return out * mask
+
+
+def make_stack(images: torch.Tensor, views: int, generator: torch.Generator | None = None, **corruption) -> torch.Tensor:
+    """``[N, views + 1, C, H, W]``: ``views`` corrupted views followed by the clean target."""
+    noisy = corrupt(images, views, generator=generator, **corruption)
+    return torch.cat([noisy, images.unsqueeze(1)], dim=1)
