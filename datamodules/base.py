@@ -7,7 +7,12 @@ import lightning as L
 
 class FusionDataModule(L.LightningDataModule):
     """Subclasses build ``self.train_set`` / ``self.val_set`` (and optionally ``self.test_set``) in
-    ``setup``; each item is a float tensor ``[k_max + 1, C, H, W]`` in [0, 1], target last."""
+    ``setup``; each item is a float tensor ``[k_max + 1, C, H, W]`` in [0, 1], target last.
+
+    ``channels`` and ``image_size`` are checked against the data; ``crop`` (border pixels left out
+    of reported likelihoods, e.g. 2 for MNIST padded 28 -> 32) and ``bits_per_dim`` (report in
+    bits/dim rather than nats) are dataset facts the model config reads via interpolation.
+    """
 
     def __init__(
         self,
@@ -17,6 +22,10 @@ class FusionDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         k_max: int = 3,
         val_batch_size: int | None = None,
+        channels: int = 1,
+        image_size: int = 32,
+        crop: int = 0,
+        bits_per_dim: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -25,6 +34,16 @@ class FusionDataModule(L.LightningDataModule):
             raise ValueError(f"dataset.k_max must be >= 0, got {k_max}")
         if num_workers < 0:
             raise ValueError(f"dataset.num_workers must be >= 0, got {num_workers}")
+        if channels not in (1, 3):
+            raise ValueError(f"dataset.channels must be 1 (grey) or 3 (RGB), got {channels}")
+        if image_size < 8 or image_size % 8:
+            raise ValueError(f"dataset.image_size must be a multiple of 8 (>= 8), got {image_size}")
+        if not 0 <= 2 * crop < image_size:
+            raise ValueError(f"dataset.crop={crop} leaves no pixels of a {image_size}px image")
+        self.channels = channels
+        self.image_size = image_size
+        self.crop = crop
+        self.bits_per_dim = bits_per_dim
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -34,6 +53,16 @@ class FusionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def check_images(self, images, source: str) -> None:
+        """Raise a clear error when ``images [N, C, H, W]`` do not match the configured size."""
+        c, h, w = images.shape[-3:]
+        if (c, h, w) != (self.channels, self.image_size, self.image_size):
+            raise ValueError(
+                f"{source}: images are {c}x{h}x{w} (CxHxW) but the config expects "
+                f"{self.channels}x{self.image_size}x{self.image_size}; fix dataset.channels / "
+                f"dataset.image_size or regenerate the data"
+            )
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
