@@ -1,0 +1,161 @@
+"""FusionMNIST (DESIGN.md section 2): MNIST zero-padded 28 -> 32, 1 channel, ellipse-window views.
+
+Train: the 60k training digits with a fresh corruption on every fetch (torch's global RNG, so
+``seed_everything(workers=True)`` makes it reproducible). Validation / test: the 10k t10k digits
+with one fixed corruption drawn from ``val_seed`` in ``setup`` and stored as uint8.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import FusionDataModule
+from datamodules.corruption import corrupt, make_stack
+from datamodules.idx import read_idx
+
+MNIST_SIZE = 28
+IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+# The fixed corruption is drawn in chunks of this many images (bounds memory); changing it
+# changes the stored validation set.
+_FIXED_CHUNK = 1000
+
+
+def find_mnist_file(data_dir: str | Path, split: str) -> Path:
+    """Path of the ``split`` ("train" / "test") image file under ``<data_dir>/MNIST/raw`` (raw or ``.gz``)."""
+    expected = Path(data_dir).expanduser().absolute() / "MNIST" / "raw" / IMAGE_FILES[split]
+    for path in (expected, expected.with_name(expected.name + ".gz")):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"MNIST file not found: {expected} (nor {expected.name}.gz). Point the env var FUSIONVAE_DATA_DIR "
+        f"(config key paths.data_dir, now {str(data_dir)!r}) at the directory that holds MNIST/raw/, "
+        f"or set dataset.download=true to fetch it with torchvision, or copy torchvision's raw MNIST "
+        f"files ({', '.join(IMAGE_FILES.values())}) into {expected.parent}"
+    )
+
+
+def load_mnist_images(data_dir: str | Path, split: str, pad: int) -> torch.Tensor:
+    """uint8 images ``[N, 1, 28 + 2 pad, 28 + 2 pad]``, zero-padded by ``pad`` pixels on each side."""
+    path = find_mnist_file(data_dir, split)
+    images = read_idx(path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (MNIST_SIZE, MNIST_SIZE):
+        raise ValueError(f"{path}: expected uint8 images [N, 28, 28], got {images.dtype} {images.shape}")
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))  # a writable copy
+    return torch.from_numpy(padded).unsqueeze(1)
+
+
+class CorruptedImages(Dataset):
+    """Clean uint8 images; every fetch draws new corrupted views (``make_stack``, global RNG)."""
+
+    def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any]):
+        self.images = images
+        self.views = views
+        self.corruption = corruption
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        # Called by the DataLoader with a whole batch: one vectorised corruption per batch.
+        clean = self.images[indices].float().div_(255)
+        return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+
+
+class FixedCorruptedImages(Dataset):
+    """Clean uint8 images with corrupted views drawn once from ``seed`` and stored as uint8."""
+
+    def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any], seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        noisy = torch.empty((len(images), views, *images.shape[1:]), dtype=torch.uint8)
+        for start in range(0, len(images), _FIXED_CHUNK):
+            clean = images[start : start + _FIXED_CHUNK].float().div_(255)
+            views_f = corrupt(clean, views, generator=generator, **corruption)
+            noisy[start : start + _FIXED_CHUNK] = views_f.mul_(255).round_().to(torch.uint8)
+        self.images = images
+        self.noisy = noisy
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        stack = torch.cat([self.noisy[indices], self.images[indices].unsqueeze(1)], dim=1)
+        return list(stack.float().div_(255).unbind(0))
+
+
+class FusionMNISTDataModule(FusionDataModule):
+    """FusionMNIST from ``<data_dir>/MNIST/raw`` (torchvision's raw layout, ``.gz`` accepted).
+
+    ``pad`` zero pixels are added on each side (``image_size`` must be 28 + 2 pad, ``channels`` 1);
+    each view shows ``n_ellipses`` windows with radius in [r_low, r_high) plus Gaussian noise of
+    std ``noise_std``. Other keyword arguments go to ``FusionDataModule`` (``crop`` defaults to ``pad``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        download: bool = False,
+        n_ellipses: int = 2,
+        r_low: int = 5,
+        r_high: int = 10,
+        noise_std: float = 0.25,
+        val_seed: int = 0,
+        pad: int = 2,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("crop", pad)
+        super().__init__(**kwargs)
+        if self.channels != 1:
+            raise ValueError(f"FusionMNIST is grey-level: set dataset.channels=1 (got {self.channels})")
+        if pad < 0 or self.image_size != MNIST_SIZE + 2 * pad:
+            raise ValueError(
+                f"FusionMNIST images are 28 + 2 * dataset.pad pixels: dataset.image_size={self.image_size} "
+                f"does not match dataset.pad={pad}; set dataset.image_size={MNIST_SIZE + 2 * max(pad, 0)} "
+                f"or change dataset.pad"
+            )
+        if n_ellipses < 1:
+            raise ValueError(f"dataset.n_ellipses must be >= 1, got {n_ellipses}")
+        if not 0 <= r_low < r_high:
+            raise ValueError(f"need 0 <= dataset.r_low < dataset.r_high, got r_low={r_low}, r_high={r_high}")
+        if noise_std < 0:
+            raise ValueError(f"dataset.noise_std must be >= 0, got {noise_std}")
+        self.data_dir = data_dir
+        self.download = download
+        self.pad = pad
+        self.val_seed = val_seed
+        self.corruption = dict(n_ellipses=n_ellipses, r_low=r_low, r_high=r_high, noise_std=noise_std)
+
+    def prepare_data(self) -> None:
+        """Check that the image files exist; fetch them with torchvision first if ``download``."""
+        try:
+            for split in IMAGE_FILES:
+                find_mnist_file(self.data_dir, split)
+        except FileNotFoundError as missing:
+            if not self.download:
+                raise
+            try:
+                from torchvision.datasets import MNIST
+
+                MNIST(root=self.data_dir, download=True)
+            except Exception as exc:  # network, checksum or disk errors
+                raise FileNotFoundError(f"torchvision download of MNIST failed ({exc!r}). {missing}") from exc
+            for split in IMAGE_FILES:
+                find_mnist_file(self.data_dir, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            images = load_mnist_images(self.data_dir, "train", self.pad)
+            self.train_set = CorruptedImages(images, self.k_max, self.corruption)
+        if self.val_set is None:  # every stage evaluates on t10k
+            images = load_mnist_images(self.data_dir, "test", self.pad)
+            self.val_set = FixedCorruptedImages(images, self.k_max, self.corruption, self.val_seed)
+            self.test_set = self.val_set

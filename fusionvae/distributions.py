@@ -1,0 +1,163 @@
+"""Distributions, always evaluated in fp32 (callers pass fp32 tensors)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def soft_clamp(x: torch.Tensor, bound: float = 5.0) -> torch.Tensor:
+    return bound * torch.tanh(x / bound)
+
+
+class Normal:
+    """Diagonal Gaussian with effective std ``sigma``; ``from_params`` applies the NVAE
+    parameterisation ``mu = 5 tanh(mu/5)``, ``sigma = exp(5 tanh(log_sigma/5)) + 0.01``."""
+
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
+        self.mu = mu
+        self.sigma = sigma
+
+    @classmethod
+    def from_params(cls, params: torch.Tensor, dim: int = 1) -> "Normal":
+        mu, log_sigma = params.float().chunk(2, dim=dim)
+        return cls(soft_clamp(mu), soft_clamp(log_sigma).exp() + 1e-2)
+
+    @classmethod
+    def standard(cls, shape, device) -> "Normal":
+        return cls(torch.zeros(shape, device=device), torch.ones(shape, device=device))
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mu, self.sigma
+
+    def sample(self, t: float = 1.0) -> torch.Tensor:
+        return self.mu + t * self.sigma * torch.randn_like(self.mu)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Element-wise log density."""
+        return -0.5 * ((z - self.mu) / self.sigma) ** 2 - self.sigma.log() - 0.5 * LOG_2PI
+
+    def kl(self, other: "Normal") -> torch.Tensor:
+        """Element-wise analytic KL(self || other)."""
+        var_ratio = (self.sigma / other.sigma) ** 2
+        diff = (self.mu - other.mu) / other.sigma
+        return 0.5 * (var_ratio + diff**2 - 1.0) - torch.log(self.sigma / other.sigma)
+
+
+def _to_bins(x: torch.Tensor) -> torch.Tensor:
+    """Integer pixel values 0..255 of images in [0, 1]."""
+    return torch.round(x.float().clamp(0, 1) * 255.0)
+
+
+class DiscMixLogistic:
+    """Discretised mixture of logistics (PixelCNN++) over 256 levels, any number of channels.
+
+    ``params`` is ``[B, M * (1 + 2C + C(C-1)/2), H, W]``: mixture logits, per-channel means,
+    log-scales, then the autoregressive channel coefficients (tanh); channel c's mean is shifted
+    by ``sum_{j<c} coeff_cj * x_j``. Edge bins (value 0 or 255) are chosen on the integer value.
+    """
+
+    def __init__(self, params: torch.Tensor, channels: int, num_mix: int = 10):
+        params = params.float()
+        b, _, h, w = params.shape
+        m, c = num_mix, channels
+        self.c, self.m = c, m
+        self.logits = params[:, :m]  # [B, M, H, W]
+        rest = params[:, m:].view(b, -1, m, h, w)
+        self.means = rest[:, :c]  # [B, C, M, H, W]
+        self.log_scales = rest[:, c : 2 * c].clamp(min=-7.0)
+        self.coeffs = torch.tanh(rest[:, 2 * c :])  # [B, C(C-1)/2, M, H, W]
+
+    @staticmethod
+    def num_params(channels: int, num_mix: int = 10) -> int:
+        return num_mix * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+    def _coupled_means(self, x: torch.Tensor) -> torch.Tensor:
+        """Means with channel coupling, given x in [-1, 1] as [B, C, 1, H, W]."""
+        means = [self.means[:, 0]]
+        k = 0
+        for ch in range(1, self.c):
+            mu = self.means[:, ch]
+            for prev in range(ch):
+                mu = mu + self.coeffs[:, k] * x[:, prev]
+                k += 1
+            means.append(mu)
+        return torch.stack(means, dim=1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel log-probability ``[B, H, W]`` of images ``x [B, C, H, W]`` in [0, 1]."""
+        bins = _to_bins(x).unsqueeze(2)  # [B, C, 1, H, W]
+        xs = bins / 127.5 - 1.0
+        centered = xs - self._coupled_means(xs)
+        inv_s = torch.exp(-self.log_scales)
+        plus_in = inv_s * (centered + 1.0 / 255.0)
+        min_in = inv_s * (centered - 1.0 / 255.0)
+        log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in), for bin 0
+        log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in)), for bin 255
+        cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+        mid_in = inv_s * centered
+        log_pdf_mid = mid_in - self.log_scales - 2.0 * F.softplus(mid_in) - math.log(127.5)
+        # tiny bins (far tails) fall back to the density at the bin centre times its width
+        log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+        log_probs = torch.where(bins == 0, log_cdf_plus, torch.where(bins == 255, log_one_minus_cdf_min, log_mid))
+        return torch.logsumexp(log_probs.sum(dim=1) + F.log_softmax(self.logits, dim=1), dim=1)
+
+    def _mixture_index(self) -> torch.Tensor:
+        gumbel = -torch.log(-torch.log(torch.rand_like(self.logits).clamp(1e-5, 1 - 1e-5)))
+        return torch.argmax(self.logits + gumbel, dim=1, keepdim=True)  # [B, 1, H, W]
+
+    def sample(self) -> torch.Tensor:
+        """Images in [0, 1], quantised to 256 levels."""
+        idx = self._mixture_index().unsqueeze(1)  # [B, 1, 1, H, W]
+        pick = lambda t: torch.gather(t, 2, idx.expand(-1, t.shape[1], -1, -1, -1))  # noqa: E731
+        means, log_s, coeffs = pick(self.means), pick(self.log_scales), pick(self.coeffs)
+        u = torch.rand_like(means).clamp(1e-5, 1 - 1e-5)
+        noise = log_s.exp() * (torch.log(u) - torch.log1p(-u))
+        xs, k = [], 0
+        for ch in range(self.c):
+            mu = means[:, ch]
+            for prev in range(ch):
+                mu = mu + coeffs[:, k] * xs[prev]
+                k += 1
+            xs.append((mu + noise[:, ch]).clamp(-1, 1))
+        return torch.round((torch.cat(xs, dim=1) + 1) * 127.5) / 255.0
+
+    def mean(self) -> torch.Tensor:
+        """Approximate mean image in [0, 1]: mixture-weighted logistic means with the coupling
+        applied to the previous channels' mean."""
+        w = F.softmax(self.logits, dim=1)  # [B, M, H, W]
+        xs, k = [], 0
+        for ch in range(self.c):
+            mu = self.means[:, ch]
+            for prev in range(ch):
+                mu = mu + self.coeffs[:, k] * xs[prev].unsqueeze(1)
+                k += 1
+            xs.append((w * mu).sum(dim=1).clamp(-1, 1))
+        return (torch.stack(xs, dim=1) + 1) / 2
+
+
+class Bernoulli:
+    """Per-pixel Bernoulli for binarised images (targets binarised at 0.5)."""
+
+    def __init__(self, params: torch.Tensor, channels: int, num_mix: int = 0):
+        self.logits = params.float()
+
+    @staticmethod
+    def num_params(channels: int, num_mix: int = 0) -> int:
+        return channels
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        target = (x.float() > 0.5).float()
+        return -F.binary_cross_entropy_with_logits(self.logits, target, reduction="none").sum(dim=1)
+
+    def sample(self) -> torch.Tensor:
+        return torch.bernoulli(torch.sigmoid(self.logits))
+
+    def mean(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+
+LIKELIHOODS = {"logistic_mixture": DiscMixLogistic, "bernoulli": Bernoulli}
