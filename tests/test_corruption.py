@@ -1,0 +1,135 @@
+"""Ellipse-window corruption (datamodules/corruption.py, DESIGN.md section 2)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from datamodules.corruption import corrupt, ellipse_masks, make_stack
+
+MNIST = dict(n_ellipses=2, r_low=5, r_high=10)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_shapes_and_dtypes() -> None:
+    images = torch.rand(5, 3, 16, 24)
+    masks = ellipse_masks(5, 4, 16, 24, 3, 2, 6, _gen())
+    assert masks.shape == (5, 4, 1, 16, 24) and masks.dtype == torch.bool
+    views = corrupt(images, 4, n_ellipses=3, r_low=2, r_high=6, noise_std=0.1, generator=_gen())
+    assert views.shape == (5, 4, 3, 16, 24) and views.dtype == torch.float32
+    stack = make_stack(images, 4, generator=_gen(), n_ellipses=3, r_low=2, r_high=6)
+    assert stack.shape == (5, 5, 3, 16, 24)
+    assert torch.equal(stack[:, -1], images)  # clean target last
+
+
+def test_pixels_outside_masks_are_zero_and_range() -> None:
+    images = torch.rand(8, 1, 32, 32)
+    views = corrupt(images, 3, noise_std=0.25, generator=_gen(1), **MNIST)
+    masks = ellipse_masks(8, 3, 32, 32, generator=_gen(1), **MNIST)  # same draws come first
+    assert torch.all(views[~masks.expand_as(views)] == 0)
+    assert views.min() >= 0 and views.max() <= 1
+    # Noise only inside the windows, and it does change the visible pixels.
+    visible = masks.expand_as(views)
+    assert not torch.allclose(views[visible], images.unsqueeze(1).expand_as(views)[visible])
+
+
+def test_no_noise_keeps_visible_pixels() -> None:
+    images = torch.rand(6, 1, 32, 32)
+    views = corrupt(images, 3, noise_std=0.0, generator=_gen(2), **MNIST)
+    masks = ellipse_masks(6, 3, 32, 32, generator=_gen(2), **MNIST)
+    assert torch.equal(views, images.unsqueeze(1) * masks)
+
+
+def test_rgb_mask_and_noise_shared_across_channels() -> None:
+    grey = torch.rand(4, 1, 20, 20)
+    rgb = grey.expand(4, 3, 20, 20)
+    views = corrupt(rgb, 2, n_ellipses=4, r_low=0, r_high=8, noise_std=0.3, generator=_gen(3))
+    assert torch.equal(views[:, :, 0], views[:, :, 1]) and torch.equal(views[:, :, 0], views[:, :, 2])
+    # Distinct channels: the same pixels are blanked in every channel.
+    views = corrupt(torch.rand(4, 3, 20, 20) + 0.5, 2, n_ellipses=4, r_low=0, r_high=8, generator=_gen(3))
+    zero = views == 0
+    assert torch.equal(zero[:, :, 0], zero[:, :, 1]) and torch.equal(zero[:, :, 0], zero[:, :, 2])
+
+
+def test_single_ellipse_matches_formula() -> None:
+    n, views, h, w = 3, 4, 24, 32
+    masks = ellipse_masks(n, views, h, w, 1, 3, 9, _gen(4))
+    # Redraw the parameters in the documented order: radius, row centre, column centre, elongation.
+    g, shape = _gen(4), (n, views)
+    r = torch.randint(3, 9, shape, generator=g)
+    cx = torch.randint(1, h - 2, shape, generator=g)
+    cy = torch.randint(1, w - 2, shape, generator=g)
+    e = torch.rand(shape, generator=g) + 0.5
+    assert r.min() >= 3 and r.max() < 9 and e.min() >= 0.5 and e.max() < 1.5
+    for a in range(n):
+        for v in range(views):
+            ra, ca, cb, ea = r[a, v].item(), cx[a, v].item(), cy[a, v].item(), e[a, v].item()
+            expected = torch.tensor(
+                [[math.sqrt(ea * (i - ca) ** 2 + (j - cb) ** 2 / ea) <= ra for j in range(w)] for i in range(h)]
+            )
+            mismatch = (masks[a, v, 0] != expected).nonzero().tolist()
+            # float rounding may only flip pixels lying exactly on the boundary
+            for i, j in mismatch:
+                assert abs(ea * (i - ca) ** 2 + (j - cb) ** 2 / ea - ra * ra) < 1e-4
+            assert masks[a, v, 0, ca, cb]  # the centre is always visible
+
+
+def test_fixed_radius_ellipse_area_is_pi_r_squared() -> None:
+    # e x^2 + y^2 / e <= r^2 has area pi r^2 whatever e (semi-axes r / sqrt(e), r sqrt(e)).
+    n, res, r = 64, 200, 30
+    masks = ellipse_masks(n, 1, res, res, 1, r, r + 1, _gen(5))
+    g = _gen(5)
+    torch.randint(r, r + 1, (n,), generator=g)  # radius draw
+    cx, cy = torch.randint(1, res - 2, (n,), generator=g), torch.randint(1, res - 2, (n,), generator=g)
+    reach = math.ceil(r * math.sqrt(1.5))  # no ellipse extends further than this from its centre
+    inside = (torch.minimum(cx, cy) >= reach) & (torch.maximum(cx, cy) < res - reach)
+    assert inside.sum() >= 16
+    area = masks.sum(dim=(1, 2, 3, 4)).float()[inside]
+    assert torch.allclose(area, torch.full_like(area, math.pi * r * r), rtol=0.02)
+    assert (masks.sum(dim=(1, 2, 3, 4))[~inside] <= math.pi * r * r * 1.02).all()
+
+
+@pytest.mark.parametrize("r_low, r_high", [(5, 5), (10, 5)])
+def test_empty_radius_range_raises(r_low: int, r_high: int) -> None:
+    with pytest.raises(ValueError, match="r_high"):
+        ellipse_masks(1, 1, 32, 32, 2, r_low, r_high)
+    with pytest.raises(ValueError, match="r_high"):
+        corrupt(torch.rand(1, 1, 32, 32), 1, n_ellipses=2, r_low=r_low, r_high=r_high)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        ellipse_masks(1, 1, 3, 32, 2, 1, 2)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        corrupt(torch.rand(1, 32, 32), 1, **MNIST)
+
+
+def test_same_seed_same_output() -> None:
+    images = torch.rand(4, 1, 32, 32)
+    a = make_stack(images, 3, generator=_gen(7), noise_std=0.25, **MNIST)
+    b = make_stack(images, 3, generator=_gen(7), noise_std=0.25, **MNIST)
+    c = make_stack(images, 3, generator=_gen(8), noise_std=0.25, **MNIST)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_global_rng_used_without_generator() -> None:
+    images = torch.rand(4, 1, 32, 32)
+    torch.manual_seed(11)
+    a = corrupt(images, 3, noise_std=0.25, **MNIST)
+    b = corrupt(images, 3, noise_std=0.25, **MNIST)
+    torch.manual_seed(11)
+    assert torch.equal(a, corrupt(images, 3, noise_std=0.25, **MNIST))
+    assert not torch.equal(a, b)
+
+
+def test_visible_fraction_plausible_for_mnist() -> None:
+    masks = ellipse_masks(2000, 3, 32, 32, generator=_gen(9), **MNIST)
+    per_view = masks.float().mean(dim=(2, 3, 4))
+    # Two windows of mean area ~pi * 51 px on 1024 px, minus overlap and clipping: about a quarter.
+    assert 0.18 < per_view.mean() < 0.32
+    assert per_view.min() > 0.05 and per_view.max() < 0.5
