@@ -1,0 +1,34 @@
+"""Build datamodule, model, callbacks, loggers and trainer from a Hydra config."""
+from __future__ import annotations
+
+import lightning as L
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+def build_list(cfg: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build(cfg: DictConfig):
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    model = instantiate(cfg.model) if "model" in cfg else None
+    loggers = build_list(cfg.get("logger"))
+    callbacks = build_list(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, trainer
+
+
+def finish(trainer: L.Trainer) -> None:
+    """End this job's logger runs (one W&B run per multirun job) and the process group."""
+    for logger in trainer.loggers:
+        finalize = getattr(getattr(logger, "experiment", None), "finish", None)
+        if callable(finalize) and type(logger).__name__ == "WandbLogger":
+            finalize()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def mnist_data_dir() -> Path | None:
+    """FUSIONVAE_DATA_DIR, else the shared data folder beside the checkout."""
+    for cand in (os.environ.get("FUSIONVAE_DATA_DIR"), ROOT.parent / "shared" / "data"):
+        if cand and (Path(cand) / "MNIST" / "raw").is_dir():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = mnist_data_dir()
+    if d is None:
+        pytest.skip("MNIST not found: set FUSIONVAE_DATA_DIR to a folder holding MNIST/raw")
+    return d
+
+
+TINY = [
+    "model/size=tiny",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "dataset.num_workers=0",
+    "dataset.pin_memory=false",
+    "dataset.batch_size=8",
+    "dataset.val_batch_size=16",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=overrides)

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from fusionvae.network import FusionVAE, groups_per_scale
+
+TINY = dict(num_channels=4, num_preprocess_blocks=1, num_postprocess_blocks=1, num_latent_scales=2,
+            num_groups_per_scale=2, num_latent_per_group=2, num_mix=3)
+
+
+def tiny(**kw) -> FusionVAE:
+    torch.manual_seed(0)
+    return FusionVAE(**{**TINY, **kw})
+
+
+def data(b=3, k=3, c=1, size=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(b, k, c, size, size, generator=g), torch.rand(b, c, size, size, generator=g)
+
+
+def test_groups_per_scale():
+    assert groups_per_scale(2, 5, True) == [5, 2]
+    assert groups_per_scale(3, 10, True) == [10, 5, 2]
+    assert groups_per_scale(3, 4, False) == [4, 4, 4]
+    assert groups_per_scale(3, 2, True) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_shapes_for_every_k(k):
+    net = tiny()
+    views, target = data()
+    out = net(views[:, :k], target)
+    assert out.kl.shape == (3, net.num_groups) == (3, 3)
+    assert out.log_q.shape == out.log_p.shape == (3,)
+    assert out.likelihood.log_prob(target).shape == (3, 32, 32)
+    assert torch.isfinite(out.kl).all() and (out.kl >= 0).all()
+
+
+def test_paper_mnist_config_layout():
+    net = FusionVAE()  # defaults = the paper's MNIST sizes
+    assert net.groups == [5, 2] and net.num_groups == 7
+    assert net.top_state.shape == (1, 64, 4, 4)
+    views, target = data(b=2)
+    assert net(views, target).likelihood.mean().shape == (2, 1, 32, 32)
+
+
+def test_rgb_and_bernoulli_likelihoods():
+    views, target = data(c=3, size=16)
+    out = tiny(channels=3, image_size=16)(views, target)
+    assert out.likelihood.sample().shape == (3, 3, 16, 16)
+    out = tiny(likelihood="bernoulli")(*data())
+    assert out.likelihood.mean().shape == (3, 1, 32, 32)
+
+
+def test_gradients_reach_every_parameter_across_k():
+    net = tiny()
+    views, target = data()
+    loss = 0
+    for k in (0, 3):
+        out = net(views[:, :k], target)
+        loss = loss + (-out.likelihood.log_prob(target).sum() + out.kl.sum())
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_prior_heads_only_used_without_views():
+    net = tiny()
+    views, target = data()
+    out = net(views, target)
+    (-out.likelihood.log_prob(target).sum() + out.kl.sum()).backward()
+    assert all(p.grad is None for p in net.prior_heads.parameters())
+
+
+def test_view_order_does_not_matter():
+    net = tiny().eval()
+    views, _ = data()
+    a = net(views, None, t=0.0).likelihood.mean()
+    b = net(views[:, [2, 0, 1]], None, t=0.0).likelihood.mean()
+    torch.testing.assert_close(a, b)
+
+
+def test_views_condition_the_prior():
+    net = tiny().eval()
+    views, _ = data()
+    a = net(views, None, t=0.0).likelihood.mean()
+    b = net(torch.rand_like(views), None, t=0.0).likelihood.mean()
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_unconditional_generation_k0():
+    net = tiny().eval()
+    torch.manual_seed(0)
+    out = net(torch.zeros(4, 0, 1, 32, 32), None)
+    assert out.likelihood.sample().shape == (4, 1, 32, 32)
+    assert (out.kl == 0).all() and torch.isfinite(out.log_p).all()
+
+
+def test_repeats_share_one_encoder_pass():
+    net = tiny().eval()
+    views, target = data()
+    out = net(views, None, t=0.0, repeats=4)
+    mean = out.likelihood.mean().view(3, 4, 1, 32, 32)
+    torch.testing.assert_close(mean, mean[:, :1].expand_as(mean))
+    torch.testing.assert_close(mean[:, 0], net(views, None, t=0.0).likelihood.mean())
+    assert net(views, target, repeats=5).kl.shape == (15, 3)
+
+
+def test_temperature_zero_is_deterministic_and_one_is_not():
+    net = tiny().eval()
+    views, _ = data()
+    torch.testing.assert_close(net(views, None, t=0.0).likelihood.mean(), net(views, None, t=0.0).likelihood.mean())
+    assert (net(views, None, t=1.0).likelihood.mean() - net(views, None, t=1.0).likelihood.mean()).abs().max() > 0
+
+
+def test_deterministic_fcn_and_residual_posterior_and_skips():
+    views, target = data()
+    fcn = tiny(stochastic=False).eval()
+    out = fcn(views, target)
+    assert (out.kl == 0).all()
+    torch.testing.assert_close(out.likelihood.mean(), fcn(views, target).likelihood.mean())
+    res = tiny(res_dist=True)(views, target)
+    assert torch.isfinite(res.kl).all()
+    for mode in ("max", "mean"):
+        assert torch.isfinite(tiny(skip=mode)(views, target).kl).all()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(aggregation="median"), "unknown aggregation 'median'"),
+    (dict(skip="sum"), "unknown skip mode 'sum'"),
+    (dict(likelihood="gauss"), "unknown likelihood 'gauss'"),
+    (dict(image_size=30), "must be divisible by"),
+    (dict(num_latent_per_group=0), "num_latent_per_group must be >= 1"),
+])
+def test_invalid_configs_fail_fast(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
