@@ -1,0 +1,406 @@
+"""PNG-in-LMDB image store shared by FusionCelebA and FusionT-LESS (DESIGN.md section 2).
+
+Record format
+    key ``b"%08d" % i`` (i = 0 .. count-1) -> one PNG holding a stack of ``n`` uint8 images of
+    ``H x W x C`` (C = 1 grey, 3 RGB, 4 RGBA) tiled vertically, i.e. an ``(n * H) x W`` image.
+    ``shape`` in the metadata is ``[n, H, W, C]`` and is the same for every record.
+    key ``b"__meta__"`` -> UTF-8 JSON: ``kind``, ``version`` (generator version), ``count``,
+    ``shape``, ``channels``, ``seed`` and generator ``params``; readers compare it with what the
+    config expects and name the first differing field.
+
+Atomicity: ``write_lmdb`` fills a hidden temp dir next to the target (``.<name>.tmp-<pid>-<hex>``),
+writes the metadata record last, syncs, then ``os.rename``s it into place. A reader only opens the
+target path and requires the metadata record, so a left-over temp dir (a killed run) is never
+taken for a valid LMDB; it can be deleted.
+
+Reading: ``LMDBReader`` opens its environment lazily, once per process (``readonly``,
+``lock=False``, ``readahead=False``, ``meminit=False``); py-lmdb refuses to open one environment
+twice in a process, so environments are cached per process and an environment inherited through
+``fork`` (DataLoader workers) is closed and reopened. Readers pickle without the environment, so
+they work with ``spawn`` workers and DDP.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+META_KEY = b"__meta__"
+TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs
+_COMMIT_EVERY = 512  # records per write transaction
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's "L" conversion
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class LMDBMetadataError(ValueError):
+    """The stored metadata differs from what the config expects."""
+
+
+class LMDBRecordError(RuntimeError):
+    """A record is missing or cannot be decoded."""
+
+
+def record_key(index: int) -> bytes:
+    return b"%08d" % index
+
+
+# ----------------------------------------------------------------------------- PNG tiles
+
+
+def encode_stack(images: np.ndarray) -> bytes:
+    """PNG bytes of uint8 ``images [n, H, W, C]`` (C in 1, 3, 4) tiled vertically."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected uint8 images [n, H, W, C] with C in (1, 3, 4), got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    tile = images.reshape(n * h, w, c)
+    buf = io.BytesIO()
+    Image.fromarray(tile[..., 0] if c == 1 else tile).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_stack(data: bytes, shape: Sequence[int]) -> np.ndarray:
+    """uint8 ``[n, H, W, C]`` from PNG bytes written by ``encode_stack`` (ValueError if it is not that)."""
+    n, h, w, c = shape
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        tile = np.asarray(img)
+    if tile.ndim == 2:
+        tile = tile[..., None]
+    if tile.shape != (n * h, w, c) or tile.dtype != np.uint8:
+        raise ValueError(f"decoded {tile.dtype} tile {tile.shape}, expected uint8 {(n * h, w, c)}")
+    return tile.reshape(n, h, w, c)
+
+
+def to_tensor(images: np.ndarray, channels: int | None = None) -> torch.Tensor:
+    """Float ``[..., C, H, W]`` in [0, 1] from uint8 ``[..., H, W, C]``; RGB -> grey if ``channels`` is 1."""
+    x = torch.from_numpy(images).movedim(-1, -3).float().div_(255)
+    if channels == 1 and x.shape[-3] == 3:
+        x = quantize(luminance(x))
+    return x
+
+
+def luminance(rgb: torch.Tensor) -> torch.Tensor:
+    """Grey ``[..., 1, H, W]`` from ``rgb [..., 3, H, W]`` (BT.601 weights, as PIL's "L"; linear)."""
+    w = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * w).sum(dim=-3, keepdim=True)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round [0, 1] values to the 8-bit grid k / 255 (what the discretised likelihood assumes)."""
+    return x.clamp(0, 1).mul_(255).round_().div_(255)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as stored
+
+
+def _differences(stored: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, want in expected.items():
+        have = stored.get(key, "<missing>")
+        if isinstance(want, dict) and isinstance(have, dict):
+            out += _differences(have, want, f"{prefix}{key}.")
+        elif have != want:
+            out.append(f"{prefix}{key}: stored {have!r}, config expects {want!r}")
+    return out
+
+
+def check_meta(stored: dict[str, Any], expected: dict[str, Any], path: str | Path, hint: str = "") -> None:
+    """Raise ``LMDBMetadataError`` naming every field of ``expected`` that ``stored`` does not match."""
+    diffs = _differences(stored, _normalise(expected))
+    if diffs:
+        fix = hint or f"delete {path} and generate it again"
+        raise LMDBMetadataError(
+            f"LMDB {path} was generated with different settings ({'; '.join(diffs)}). "
+            f"It is not regenerated automatically: {fix}, or point the config at another LMDB directory"
+        )
+
+
+# ----------------------------------------------------------------------------- reading
+
+_ENVS: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}  # realpath -> (pid, file id, env)
+_ENVS_LOCK = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _ENVS_LOCK
+    _ENVS_LOCK = threading.Lock()  # another thread may have held it at fork time
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _open_env(path: str) -> lmdb.Environment:
+    """This process's read-only environment for ``path``: opened once per process, reopened in a
+    forked child (the inherited one is unusable there and py-lmdb refuses a second open) and when
+    the LMDB was replaced on disk (regenerated)."""
+    stat = os.stat(os.path.join(path, "data.mdb"))
+    file_id, pid = (stat.st_dev, stat.st_ino), os.getpid()
+    with _ENVS_LOCK:
+        entry = _ENVS.pop(path, None)
+        if entry is not None:
+            if entry[:2] == (pid, file_id):
+                _ENVS[path] = entry
+                return entry[2]
+            entry[2].close()
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
+        _ENVS[path] = (pid, file_id, env)
+        return env
+
+
+def _close_env(path: str) -> None:
+    with _ENVS_LOCK:
+        entry = _ENVS.pop(path, None)
+    if entry is not None:
+        entry[2].close()
+
+
+def _resolve(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def read_meta(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """Metadata of the complete LMDB at ``path``; FileNotFoundError if absent, ValueError if unfinished."""
+    path = _resolve(path)
+    if TEMP_MARK in path.name:
+        raise ValueError(f"{path} is an unfinished LMDB left by an interrupted run, not a dataset: delete it")
+    if not (path / "data.mdb").is_file():
+        extra = f"; {hint}" if hint else ""
+        leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}{TEMP_MARK}*"))
+        if leftovers:
+            extra += f" (unfinished {', '.join(leftovers)} in {path.parent} from an interrupted run can be deleted)"
+        raise FileNotFoundError(f"LMDB not found: {path}{extra}")
+    with _open_env(str(path)).begin() as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        raise ValueError(f"LMDB {path} has no metadata record (unfinished write?): delete it and generate it again")
+    return json.loads(bytes(raw).decode("utf-8"))
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished LMDB (data plus metadata record)."""
+    try:
+        read_meta(path)
+    except (OSError, ValueError, lmdb.Error):
+        return False
+    return True
+
+
+class LMDBReader:
+    """Random access to the records of one LMDB written by ``write_lmdb``.
+
+    The metadata is checked against ``expected`` on construction. The object holds no environment
+    (a per-process cache does), so it pickles cheaply and works in any worker process.
+    """
+
+    def __init__(self, path: str | Path, expected: dict[str, Any] | None = None, hint: str = ""):
+        self.path = _resolve(path)
+        self.hint = hint
+        self.meta = read_meta(self.path, hint)
+        if expected:
+            check_meta(self.meta, expected, self.path, hint)
+        self.shape: tuple[int, int, int, int] = tuple(self.meta["shape"])
+        self.count = int(self.meta["count"])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> np.ndarray:
+        """uint8 ``[n, H, W, C]`` of record ``index``."""
+        return self.get_many([index])[0]
+
+    def get_many(self, indices: Iterable[int]) -> np.ndarray:
+        """uint8 ``[B, n, H, W, C]`` of the given records, read in one transaction."""
+        indices = [int(i) for i in indices]
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        with _open_env(str(self.path)).begin(buffers=True) as txn:
+            for row, index in enumerate(indices):
+                if not 0 <= index < self.count:
+                    raise IndexError(f"LMDB {self.path}: index {index} out of range [0, {self.count})")
+                key = record_key(index)
+                data = txn.get(key)
+                if data is None:
+                    raise LMDBRecordError(
+                        f"LMDB {self.path}: record {key.decode()} is missing ({self.count} expected); "
+                        f"the LMDB is damaged: delete it and generate it again"
+                    )
+                try:
+                    out[row] = decode_stack(data, self.shape)
+                except Exception as exc:  # PIL raises several types for junk bytes
+                    raise LMDBRecordError(
+                        f"LMDB {self.path}: record {key.decode()} is not a valid {list(self.shape)} PNG stack "
+                        f"({exc}); the LMDB is damaged: delete it and generate it again"
+                    ) from exc
+        return out
+
+    def close(self) -> None:
+        """Close this process's environment (it is reopened on the next read)."""
+        _close_env(str(self.path))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)  # nothing process-bound: the environment lives in _ENVS
+
+
+class StoredStacks(Dataset):
+    """Stored stacks as float ``[n, C, H, W]`` in [0, 1]; RGB converted to grey if ``channels`` is 1."""
+
+    def __init__(self, reader: LMDBReader, channels: int | None = None):
+        self.reader = reader
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return list(to_tensor(self.reader.get_many(indices), self.channels).unbind(0))
+
+
+# ----------------------------------------------------------------------------- writing
+
+REQUIRED_META = ("kind", "version", "count", "shape", "channels", "seed", "params")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any]) -> Path:
+    """Write ``records`` (PNG bytes, ``meta["count"]`` of them) and ``meta`` atomically to ``path``.
+
+    Raises FileExistsError if ``path`` already holds data. If another process finishes the same
+    LMDB first, its complete copy is kept and ours discarded.
+    """
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"LMDB metadata lacks {missing}")
+    path = _resolve(path)
+    if (path / "data.mdb").exists():
+        raise FileExistsError(f"{path} already holds an LMDB; delete it to regenerate it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    count = int(meta["count"])
+    per_record = int(np.prod(meta["shape"])) * 11 // 10 + 8192  # PNG worst case + page overhead
+    try:
+        env = lmdb.open(str(tmp), map_size=count * per_record + (64 << 20), subdir=True, lock=False,
+                        sync=False, metasync=False, readahead=False, meminit=False)
+        try:
+            written = 0
+            txn = env.begin(write=True)
+            try:
+                for data in records:
+                    if written == count:
+                        raise ValueError(f"more records than meta count {count} for {path}")
+                    txn.put(record_key(written), data)
+                    written += 1
+                    if written % _COMMIT_EVERY == 0:
+                        txn.commit()
+                        txn = env.begin(write=True)
+                if written != count:
+                    raise ValueError(f"{written} records written to {path}, but meta count is {count}")
+                txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode("utf-8"))  # last: marks completion
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+            env.sync(True)
+        finally:
+            env.close()
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not is_complete(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished it first
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def ensure_lmdb(
+    path: str | Path,
+    expected: dict[str, Any],
+    records: Callable[[], Iterable[bytes]],
+    hint: str = "",
+    extra: dict[str, Any] | None = None,
+) -> bool:
+    """Generate the LMDB at ``path`` unless a complete one exists; return whether it was generated.
+
+    An existing LMDB must match ``expected`` (else LMDBMetadataError naming the field and ``hint``);
+    a new one gets ``expected`` plus ``extra`` (informational, not checked) as metadata.
+    """
+    if is_complete(path):
+        check_meta(read_meta(path), expected, _resolve(path), hint)
+        return False
+    write_lmdb(path, records(), {**(extra or {}), **_normalise(expected)})
+    return True
+
+
+# ----------------------------------------------------------------------------- parallel generation
+
+
+def default_workers() -> int:
+    """CPU cores available to this process."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one process per core already
+
+
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int | None = None,
+    desc: str = "",
+    chunksize: int = 16,
+    progress: bool = True,
+) -> Iterator[R]:
+    """``fn`` over ``items`` in order, on ``workers`` processes (None: all cores, 0/1: in-process),
+    with a rich progress bar. ``fn`` must be picklable (module-level function or partial)."""
+    from multiprocessing import get_context
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    n = min(default_workers() if workers is None else workers, len(items))
+    pool = get_context().Pool(n, initializer=_init_worker) if n > 1 else None  # before the bar's thread starts
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task(desc, total=len(items))
+            results = pool.imap(fn, items, chunksize) if pool is not None else map(fn, items)
+            for result in results:
+                bar.advance(task)
+                yield result
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
