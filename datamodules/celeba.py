@@ -1,0 +1,109 @@
+"""FusionCelebA (DESIGN.md section 2): 64x64 RGB faces seen through ellipse windows.
+
+Train: clean faces from ``<lmdb_dir>/train``, a random horizontal flip and a fresh corruption per
+fetch, vectorised over the batch (torch's global RNG, so ``seed_everything(workers=True)`` makes
+it reproducible). Validation / test: the stacks stored in ``<lmdb_dir>/valid`` and ``.../test``
+(corruption drawn once from ``val_seed``). ``prepare_data`` builds missing LMDBs
+(``datamodules.make_celeba``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import FusionDataModule
+from datamodules.corruption import make_stack
+from datamodules.lmdb_store import LMDBReader, StoredStacks, to_tensor
+from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
+
+
+class FlippedCorruptedFaces(Dataset):
+    """Clean images from an LMDB; every fetch flips (p = 0.5) and draws new corrupted views."""
+
+    def __init__(self, reader: LMDBReader, views: int, corruption: dict[str, Any], flip: bool):
+        self.reader = reader
+        self.views = views
+        self.corruption = corruption
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        # Called by the DataLoader with a whole batch: one read, one flip, one corruption.
+        clean = to_tensor(self.reader.get_many(indices)[:, 0])  # [B, 3, H, W]
+        if self.flip:
+            flip = (torch.rand(len(clean)) < 0.5).view(-1, 1, 1, 1)
+            clean = torch.where(flip, clean.flip(-1), clean)
+        return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+
+
+class FusionCelebADataModule(FusionDataModule):
+    """FusionCelebA from ``<data_dir>/celeba`` (torchvision layout) via LMDBs in ``lmdb_dir``
+    (default ``<data_dir>/fusion_celeba_lmdb``).
+
+    Each view shows ``n_ellipses`` windows with radius in [r_low, r_high) plus Gaussian noise of std
+    ``noise_std``; ``val_seed`` seeds the stored validation / test corruption; ``flip`` enables the
+    random horizontal flip in training; ``workers`` processes build the LMDBs (None: all cores).
+    Other keyword arguments go to ``FusionDataModule``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        lmdb_dir: str | None = None,
+        n_ellipses: int = 4,
+        r_low: int = 0,
+        r_high: int = 15,
+        noise_std: float = 0.0,
+        val_seed: int = 0,
+        flip: bool = True,
+        workers: int | None = None,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("channels", 3)
+        kwargs.setdefault("image_size", 64)
+        kwargs.setdefault("bits_per_dim", True)
+        super().__init__(**kwargs)
+        if self.channels != 3:
+            raise ValueError(f"FusionCelebA is RGB: set dataset.channels=3 (got {self.channels})")
+        if n_ellipses < 1:
+            raise ValueError(f"dataset.n_ellipses must be >= 1, got {n_ellipses}")
+        if not 0 <= r_low < r_high:
+            raise ValueError(f"need 0 <= dataset.r_low < dataset.r_high, got r_low={r_low}, r_high={r_high}")
+        if noise_std < 0:
+            raise ValueError(f"dataset.noise_std must be >= 0, got {noise_std}")
+        self.data_dir = data_dir
+        self.lmdb_dir = Path(lmdb_dir if lmdb_dir else Path(data_dir) / "fusion_celeba_lmdb").expanduser().absolute()
+        self.flip = flip
+        self.workers = workers
+        self.spec = CelebASpec(self.image_size, self.k_max, n_ellipses, r_low, r_high, noise_std, val_seed)
+        self._readers: list[LMDBReader] = []
+
+    def prepare_data(self) -> None:
+        """Build the missing LMDBs (rank zero only; idempotent, atomic)."""
+        build_celeba(self.data_dir, self.lmdb_dir, self.spec, self.workers)
+
+    def _reader(self, split: str) -> LMDBReader:
+        hint = regenerate_hint(self.data_dir, self.lmdb_dir)
+        reader = LMDBReader(self.lmdb_dir / split, self.spec.expected(split), hint)
+        self._readers.append(reader)
+        return reader
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = FlippedCorruptedFaces(self._reader("train"), self.k_max, self.spec.corruption(), self.flip)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = StoredStacks(self._reader("valid"))
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = StoredStacks(self._reader("test"))
+
+    def teardown(self, stage: str | None = None) -> None:
+        for reader in self._readers:
+            reader.close()
