@@ -1,0 +1,121 @@
+"""FusionT-LESS (DESIGN.md section 2): 64x64 views of T-LESS objects occluded by pasted objects.
+
+Train: an object image from ``<lmdb_dir>/objects_train`` area-resized to ``image_size`` is the
+target; each of the k_max views pastes fresh occluders (``datamodules.paste``, torch's global RNG,
+vectorised over the batch). The occluder pool is decoded into memory once in ``setup`` (before
+the DataLoader workers start, so forked workers share it). Validation / test: the fixed stacks of
+``<lmdb_dir>/val``. ``prepare_data`` builds missing LMDBs (``datamodules.make_tless``).
+``channels: 1`` converts everything to grey (BT.601 luminance).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import FusionDataModule
+from datamodules.lmdb_store import LMDBReader, StoredStacks
+from datamodules.make_tless import OCCLUDER_IDS, OBJECT_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
+from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
+
+
+class OccludedObjects(Dataset):
+    """Object targets with ``views`` freshly occluded copies: ``[views + 1, C, S, S]`` per item."""
+
+    def __init__(self, objects: LMDBReader, bank: torch.Tensor, views: int, image_size: int, paste: PasteParams):
+        self.objects = objects
+        self.bank = bank  # uint8 [P, C + 1, s, s]
+        self.views = views
+        self.image_size = image_size
+        self.paste = paste
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        # Called by the DataLoader with a whole batch: one read, one paste of all occluders.
+        channels = self.bank.shape[1] - 1
+        target = object_targets(self.objects.get_many(indices)[:, 0], self.image_size, channels)
+        views, _ = compose_views(target, self.bank, self.views, self.paste)
+        return list(torch.cat([views, target.unsqueeze(1)], dim=1).unbind(0))
+
+
+class FusionTLessDataModule(FusionDataModule):
+    """FusionT-LESS via LMDBs in ``lmdb_dir`` (default ``<data_dir>/fusion_tless_lmdb``), built from the
+    BOP T-LESS tree at ``bop_root`` (default ``<data_dir>/tless``) when missing.
+
+    Pools: ``object_ids`` (the paper's 5 socket classes; configurable) cropped around ``bbox``
+    ('visib' or 'obj') at ``object_size``, ``occluder_ids`` at ``occluder_source_size``; ``n_val``
+    object images held out with ``split_seed``; validation composed once from ``val_seed``.
+    Pasting: ``n_occluders_low..n_occluders_high`` occluders of ``occluder_size`` px per view with
+    scale in [scale_low, scale_high], +-``max_shift`` px and +-``max_rotation`` degrees.
+    ``workers`` processes build the LMDBs and decode the occluder pool (None: all cores).
+    Other keyword arguments go to ``FusionDataModule``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        lmdb_dir: str | None = None,
+        bop_root: str | None = None,
+        object_ids: Sequence[int] = OBJECT_IDS,
+        occluder_ids: Sequence[int] = OCCLUDER_IDS,
+        bbox: str = "visib",
+        object_size: int = 128,
+        occluder_source_size: int = 100,
+        n_val: int = 644,
+        split_seed: int = 0,
+        val_seed: int = 0,
+        n_occluders_low: int = 5,
+        n_occluders_high: int = 8,
+        occluder_size: int = 50,
+        scale_low: float = 0.9,
+        scale_high: float = 1.1,
+        max_shift: float = 4.0,
+        max_rotation: float = 180.0,
+        workers: int | None = None,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("channels", 3)
+        kwargs.setdefault("image_size", 64)
+        kwargs.setdefault("bits_per_dim", True)
+        super().__init__(**kwargs)
+        self.data_dir = data_dir
+        self.lmdb_dir = Path(lmdb_dir if lmdb_dir else Path(data_dir) / "fusion_tless_lmdb").expanduser().absolute()
+        self.bop_root = bop_root if bop_root else str(Path(data_dir) / "tless")
+        self.workers = workers
+        self.pools = PoolSpec(tuple(int(i) for i in object_ids), tuple(int(i) for i in occluder_ids), bbox,
+                              object_size, occluder_source_size, n_val, split_seed)
+        self.paste = PasteParams(n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high,
+                                 max_shift, max_rotation)
+        self.val_spec = ValSpec(self.image_size, self.k_max, val_seed, self.paste)
+        self._readers: list[LMDBReader] = []
+
+    def prepare_data(self) -> None:
+        """Build the missing LMDBs (rank zero only; idempotent, atomic)."""
+        build_pools(self.bop_root, self.lmdb_dir, self.pools, self.workers)
+        build_val(self.lmdb_dir, self.pools, self.val_spec, self.workers)
+
+    def _reader(self, name: str, expected: dict[str, Any]) -> LMDBReader:
+        reader = LMDBReader(self.lmdb_dir / name, expected, regenerate_hint(self.lmdb_dir))
+        self._readers.append(reader)
+        return reader
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            objects = self._reader("objects_train", self.pools.expected("objects_train"))
+            occluders = self._reader("occluders", self.pools.expected("occluders"))
+            bank = load_occluder_bank(occluders, self.paste.occluder_size, self.channels, self.workers)
+            self.train_set = OccludedObjects(objects, bank, self.k_max, self.image_size, self.paste)
+        if self.val_set is None:  # validation and test use the fixed set
+            self.val_set = StoredStacks(self._reader("val", self.val_spec.expected(self.pools)), self.channels)
+
+    def teardown(self, stage: str | None = None) -> None:
+        for reader in self._readers:
+            reader.close()
