@@ -1,0 +1,114 @@
+"""End-to-end training through the Hydra configs (tiny model, real MNIST, a few batches)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+
+from fusionvae.evaluation import run_evaluation
+from fusionvae.instantiate import build
+from fusionvae.training import train
+from tests.conftest import ROOT, TINY, compose_cfg
+
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+         "trainer.log_every_n_steps=1"]
+
+
+def cfg_for(data_dir, out: Path, *overrides, name="train"):
+    base = TINY if name == "train" else [o for o in TINY if o.startswith("dataset.")]
+    return compose_cfg(name, [*base, f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides])
+
+
+def test_fast_dev_run(data_dir, tmp_path):
+    metrics = train(cfg_for(data_dir, tmp_path, "debug=fdr"))
+    for k in range(4):
+        assert torch.isfinite(torch.tensor(metrics[f"val/nelbo_k{k}"]))
+    assert metrics["val/nelbo"] > 0
+
+
+def test_train_evaluate_resume(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(data_dir, run, *SHORT))
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    ckpt = torch.load(last, weights_only=True)  # hyperparameters are primitives
+    assert ckpt["global_step"] == 3
+    assert ckpt["hyper_parameters"]["aggregation"] == "max"
+    assert any(k.startswith("spectral.u") for k in ckpt["state_dict"])
+    assert sorted((run / "images").glob("grid_k3_epoch0000.png"))
+
+    # evaluate.py's job on the checkpoint: per-K metrics, written to JSON
+    ev = cfg_for(data_dir, tmp_path / "eval", f"ckpt_path={last}", "trainer.limit_test_batches=1", name="evaluate")
+    results = run_evaluation(ev)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for k in range(4):
+        assert saved[f"test/nelbo_k{k}"] == pytest.approx(results[f"test/nelbo_k{k}"]) and results[f"test/nelbo_k{k}"] > 0
+
+    # resume: the second epoch continues from step 3 with the restored state
+    train(cfg_for(data_dir, run, *SHORT, "trainer.max_epochs=2", f"ckpt_path={last}"))
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 1
+    assert int(resumed["state_dict"]["train_batches"]) == 6
+
+
+def test_non_finite_steps_are_skipped_and_counted(data_dir, tmp_path):
+    cfg = cfg_for(data_dir, tmp_path, *SHORT, "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0")
+    datamodule, model, trainer = build(cfg)
+    before = {k: v.clone() for k, v in model.net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    model.regulariser = lambda: torch.tensor(float("nan"))
+    trainer.fit(model, datamodule=datamodule)
+    assert int(model.skipped_steps) == 3
+    after = model.net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_missing_data_fails_with_a_clear_message(tmp_path):
+    cfg = cfg_for(tmp_path / "nowhere", tmp_path / "out", "debug=fdr")
+    datamodule, model, trainer = build(cfg)
+    with pytest.raises(FileNotFoundError, match="FUSIONVAE_DATA_DIR"):
+        trainer.fit(model, datamodule=datamodule)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.aggregation=median", "unknown aggregation 'median'"),
+    ("dataset.k_max=-1", "k_max must be >= 0"),
+    ("dataset.image_size=30", "image_size"),
+])
+def test_invalid_config_values_fail_fast(tmp_path, override, message):
+    cfg = cfg_for(tmp_path, tmp_path, override)
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        build(cfg)
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(["-m", "model.aggregation=max,bayes", *[o for o in TINY if not o.startswith("logger")], "logger=wandb",
+             *SHORT, "trainer.limit_train_batches=1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    runs = [sorted((job / "wandb").glob("offline-run-*")) for job in jobs]
+    assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
+    overrides = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
+    assert "model.aggregation=max" in overrides[0] and "model.aggregation=bayes" in overrides[1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_cli([*TINY, "trainer=ddp_cpu", *SHORT, "trainer.limit_val_batches=2", "dataset.batch_size=4",
+                    f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"], tmp_path)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert "val/nelbo" in (out / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "Traceback" not in proc.stderr
