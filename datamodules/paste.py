@@ -75,21 +75,24 @@ def draw_placements(
 def paste(
     background: torch.Tensor, occluders: torch.Tensor, placements: Placements
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Composite ``occluders`` (float ``[P, C + 1, s, s]`` premultiplied, chosen by ``placements.index``)
-    over ``background [N, C, H, W]``; returns the images and the coverage ``1 - prod(1 - alpha)``
-    ``[N, 1, H, W]`` (0 exactly where nothing was pasted)."""
+    """Composite ``occluders`` (``[P, C + 1, s, s]`` premultiplied, uint8 or float in [0, 1], chosen by
+    ``placements.index``) over ``background [N, C, H, W]``; returns the images and the coverage
+    ``1 - prod(1 - alpha)`` ``[N, 1, H, W]`` (0 exactly where nothing was pasted)."""
     n, c, h, w = background.shape
-    valid = placements.valid
-    chosen = occluders[placements.index[valid]]  # [M, C + 1, s, s]
-    grid = F.affine_grid(placements.theta[valid], [len(chosen), c + 1, h, w], align_corners=False)
-    warped = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    layers = background.new_zeros((n, valid.shape[1], c + 1, h, w))
-    layers[valid] = warped
-    out, clear = background, background.new_ones((n, 1, h, w))
-    for j in range(valid.shape[1]):  # "over", in slot order; vectorised over all views
-        colour, alpha = layers[:, j, :c], layers[:, j, c:]
-        out = colour + (1 - alpha) * out
-        clear = clear * (1 - alpha)
+    used = placements.valid.t()  # slot-major, so each slot's layers are contiguous
+    chosen = occluders[placements.index.t()[used]]  # [M, C + 1, s, s], only the used slots
+    if chosen.dtype == torch.uint8:
+        chosen = chosen.float().div_(255)
+    grid = F.affine_grid(placements.theta.transpose(0, 1)[used], [len(chosen), c + 1, h, w], align_corners=False)
+    layers = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out, clear = background.clone(), background.new_ones((n, 1, h, w))
+    start = 0
+    for rows in (slot.nonzero().squeeze(1) for slot in used):  # "over", in slot order, all views at once
+        layer = layers[start : start + len(rows)]
+        start += len(rows)
+        colour, transmit = layer[:, :c], 1 - layer[:, c:]
+        out[rows] = colour + transmit * out[rows]
+        clear[rows] = clear[rows] * transmit
     return out, 1 - clear
 
 
@@ -114,12 +117,8 @@ def compose_views(
     if bank.shape[1] != c + 1:
         raise ValueError(f"occluder bank has {bank.shape[1] - 1} colour channels, targets have {c}")
     placements = draw_placements(b * views, len(bank), s, params, generator)
-    used = placements.index[placements.valid].unique()  # convert only the occluders drawn
-    lookup = torch.zeros(len(bank), dtype=torch.long)
-    lookup[used] = torch.arange(len(used))
-    placements.index = lookup[placements.index]
     background = targets.repeat_interleave(views, dim=0)  # [B * views, C, S, S], view-minor
-    out, coverage = paste(background, bank[used].float().div_(255), placements)
+    out, coverage = paste(background, bank, placements)
     return quantize(out).view(b, views, c, s, s), coverage.view(b, views, 1, s, s)
 
 
