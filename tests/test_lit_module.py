@@ -67,3 +67,17 @@ def test_sampling_shapes_and_range():
     for mean_image in (True, False):
         img = m.sample(views, t=0.7, mean_image=mean_image)
         assert img.shape == (3, 1, 32, 32) and img.min() >= 0 and img.max() <= 1
+
+
+def test_distribution_maths_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = module().eval()
+    batch = torch.rand(2, 4, 1, 32, 32)
+    torch.manual_seed(1)
+    recon32, kl32, _ = m.nelbo(batch, 2)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, kl, _ = m.nelbo(batch, 2)
+        reg = m.regulariser()
+    assert recon.dtype == kl.dtype == reg.dtype == torch.float32
+    torch.testing.assert_close(recon, recon32, rtol=0.05, atol=1.0)
