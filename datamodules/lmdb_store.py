@@ -332,9 +332,10 @@ def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any])
             env.close()
         try:
             os.rename(tmp, path)
-        except OSError:
+        except OSError as exc:
             if not is_complete(path):
-                raise
+                raise FileExistsError(f"cannot move the new LMDB to {path}: it exists and is not an LMDB "
+                                      f"({exc.strerror}); remove it or choose another directory") from exc
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished it first
         _fsync_dir(path.parent)
     except BaseException:

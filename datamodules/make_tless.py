@@ -209,7 +209,9 @@ def _val_records(out: Path, pools: PoolSpec, val: ValSpec, workers: int | None, 
         yield from (encode_stack(s) for s in stack.permute(0, 1, 3, 4, 2).numpy())
 
 
-def build_val(out: str | Path, pools: PoolSpec, val: ValSpec, workers: int | None = None, progress: bool = True) -> Path:
+def build_val(
+    out: str | Path, pools: PoolSpec, val: ValSpec, workers: int | None = None, progress: bool = True
+) -> Path:
     """Generate ``<out>/val`` from the held-out objects and the occluder pool unless it exists."""
     out = Path(out).expanduser().absolute()
     records = partial(_val_records, out, pools, val, workers, progress)

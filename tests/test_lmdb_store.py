@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import lmdb
@@ -96,7 +97,7 @@ def test_interrupted_write_leaves_nothing_valid(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         write_lmdb(tmp_path / "x", records(), _meta(3, [1, 4, 4, 3]))
     assert os.listdir(tmp_path) == [] and not is_complete(tmp_path / "x")
-    with pytest.raises(ValueError, match="0 records written .* meta count is 3"):  # too few records: refused, cleaned up
+    with pytest.raises(ValueError, match="0 records written .* meta count is 3"):  # too few: refused, cleaned up
         write_lmdb(tmp_path / "x", iter([]), _meta(3, [1, 4, 4, 3]))
     assert os.listdir(tmp_path) == []
 
@@ -152,8 +153,6 @@ def test_reader_pickles_and_reopens_after_regeneration(tmp_path: Path, rgb_lmdb)
     reader.close()
     assert np.array_equal(clone.get(2), images[2])  # reopened lazily
     # Replaced on disk (deleted and regenerated): the cached environment is not reused.
-    import shutil
-
     shutil.rmtree(path)
     new = _stacks(10, (4, 8, 6, 3), seed=1)
     write_lmdb(path, (encode_stack(s) for s in new), meta)

@@ -75,7 +75,8 @@ def test_regeneration_skipped_or_refused(data_dir: Path) -> None:
     assert before == [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
     with pytest.raises(LMDBMetadataError, match=r"paste\.n_occluders_high: stored 8, config expects 7.*make_tless"):
         _dm(data_dir, n_occluders_high=7).prepare_data()
-    with pytest.raises(LMDBMetadataError, match=r"params\.ids: stored \[1, 2, 3, 4, 5\], config expects \[1, 2, 3, 4\]"):
+    ids = r"params\.ids: stored \[1, 2, 3, 4, 5\], config expects \[1, 2, 3, 4\]"
+    with pytest.raises(LMDBMetadataError, match=ids):
         _dm(data_dir, object_ids=[1, 2, 3, 4]).prepare_data()
     with pytest.raises(LMDBMetadataError, match=r"seed: stored 0, config expects 1"):
         _dm(data_dir, val_seed=1).setup("validate")
