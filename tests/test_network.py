@@ -134,3 +134,24 @@ def test_deterministic_fcn_and_residual_posterior_and_skips():
 def test_invalid_configs_fail_fast(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kw)
+
+
+def test_channels_last_64px_rgb_backward():
+    # regression: strided 1x1 convs on channels_last inputs corrupted the heap (torch 2.14 CPU)
+    net = tiny(channels=3, image_size=64)
+    for _ in range(2):
+        views, target = data(b=4, c=3, size=64)
+        out = net(views, target)
+        (-out.likelihood.log_prob(target).sum() + out.kl.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_factorized_reduce_matches_shifted_strided_convs():
+    from fusionvae.layers import FactorizedReduce
+    import torch.nn.functional as F
+    fr = FactorizedReduce(4, 8)
+    x = torch.randn(2, 4, 16, 16)
+    a = F.silu(x)
+    shifted = (a, a[:, :, 1:, 1:], a[:, :, :, 1:], a[:, :, 1:, :])
+    ref = torch.cat([F.conv2d(s, c.normalized_weight(), c.bias, stride=2) for c, s in zip(fr.convs, shifted)], 1)
+    torch.testing.assert_close(fr(x), ref)
