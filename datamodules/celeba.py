@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
+from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
 from datamodules.corruption import make_stack
 from datamodules.lmdb_store import LMDBReader, StoredStacks, to_tensor
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
 
-class FlippedCorruptedFaces(Dataset):
+class FlippedCorruptedFaces(BatchedDataset):
     """Clean images from an LMDB; every fetch flips (p = 0.5) and draws new corrupted views."""
 
     def __init__(self, reader: LMDBReader, views: int, corruption: dict[str, Any], flip: bool):
@@ -31,9 +31,6 @@ class FlippedCorruptedFaces(Dataset):
 
     def __len__(self) -> int:
         return len(self.reader)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         # Called by the DataLoader with a whole batch: one read, one flip, one corruption.

@@ -35,7 +35,8 @@ import lmdb
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+
+from datamodules.batched import BatchedDataset
 
 META_KEY = b"__meta__"
 TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs
@@ -258,7 +259,7 @@ class LMDBReader:
         return dict(self.__dict__)  # nothing process-bound: the environment lives in _ENVS
 
 
-class StoredStacks(Dataset):
+class StoredStacks(BatchedDataset):
     """Stored stacks as float ``[n, C, H, W]`` in [0, 1]; RGB converted to grey if ``channels`` is 1."""
 
     def __init__(self, reader: LMDBReader, channels: int | None = None):
@@ -267,9 +268,6 @@ class StoredStacks(Dataset):
 
     def __len__(self) -> int:
         return len(self.reader)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         return list(to_tensor(self.reader.get_many(indices), self.channels).unbind(0))

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
 from datamodules.corruption import corrupt, make_stack
 from datamodules.idx import read_idx
@@ -48,7 +48,7 @@ def load_mnist_images(data_dir: str | Path, split: str, pad: int) -> torch.Tenso
     return torch.from_numpy(padded).unsqueeze(1)
 
 
-class CorruptedImages(Dataset):
+class CorruptedImages(BatchedDataset):
     """Clean uint8 images; every fetch draws new corrupted views (``make_stack``, global RNG)."""
 
     def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any]):
@@ -59,16 +59,13 @@ class CorruptedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
-
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         # Called by the DataLoader with a whole batch: one vectorised corruption per batch.
         clean = self.images[indices].float().div_(255)
         return list(make_stack(clean, self.views, **self.corruption).unbind(0))
 
 
-class FixedCorruptedImages(Dataset):
+class FixedCorruptedImages(BatchedDataset):
     """Clean uint8 images with corrupted views drawn once from ``seed`` and stored as uint8."""
 
     def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any], seed: int):
@@ -83,9 +80,6 @@ class FixedCorruptedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         stack = torch.cat([self.noisy[indices], self.images[indices].unsqueeze(1)], dim=1)

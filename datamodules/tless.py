@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
+from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
 from datamodules.lmdb_store import LMDBReader, StoredStacks
 from datamodules.make_tless import OCCLUDER_IDS, OBJECT_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
 
 
-class OccludedObjects(Dataset):
+class OccludedObjects(BatchedDataset):
     """Object targets with ``views`` freshly occluded copies: ``[views + 1, C, S, S]`` per item."""
 
     def __init__(self, objects: LMDBReader, bank: torch.Tensor, views: int, image_size: int, paste: PasteParams):
@@ -34,9 +34,6 @@ class OccludedObjects(Dataset):
 
     def __len__(self) -> int:
         return len(self.objects)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         # Called by the DataLoader with a whole batch: one read, one paste of all occluders.
