@@ -21,9 +21,9 @@ def test_grey_mixture_sums_to_one_over_all_pixel_values(scale):
 
 def test_rgb_mixture_with_channel_coupling_sums_to_one():
     torch.manual_seed(1)
-    params = torch.randn(1, DiscMixLogistic.num_params(3), 1, 1)
+    params = torch.randn(1, DiscMixLogistic.num_params(3, num_mix=2), 1, 1)
     g, b = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
-    dist = DiscMixLogistic(params.expand(256 * 256, -1, -1, -1), channels=3)
+    dist = DiscMixLogistic(params.expand(256 * 256, -1, -1, -1), channels=3, num_mix=2)
     total = 0.0
     for r in range(0, 256):
         x = torch.stack([torch.full_like(g, r), g, b], dim=-1).view(-1, 3, 1, 1).float() / 255
