@@ -1,0 +1,171 @@
+"""Evaluation reports: metrics.json / metrics.csv / metrics.md and a metric-vs-K plot per run, and
+the helpers ``scripts/collect_results.py`` uses for the comparison table across runs."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+# column key -> header; NELBO / IW-NLL are in the run's units (nats or bits/dim)
+METRICS = {
+    "nelbo": "NELBO",
+    "iw_nll": "IW-NLL",
+    "mse_best": "MSE best",
+    "mse_mean": "MSE mean",
+    "psnr_best": "PSNR best",
+    "psnr_mean": "PSNR mean",
+    "ssim_best": "SSIM best",
+    "ssim_mean": "SSIM mean",
+}
+_KEY = re.compile(r"^(?:test/)?(?P<metric>.+)_k(?P<k>\d+)$")
+MODEL_KEYS = ("aggregation", "skip", "res_dist", "stochastic", "num_latent_scales", "num_groups_per_scale",
+              "num_channels", "num_latent_per_group", "likelihood")
+
+
+def infer_model_name(hparams: Mapping) -> str:
+    """fcn (deterministic), cvae (one latent group) or fusionvae, from checkpoint hyperparameters."""
+    if not hparams.get("stochastic", True):
+        return "fcn"
+    if hparams.get("num_latent_scales") == 1 and hparams.get("num_groups_per_scale") == 1:
+        return "cvae"
+    return "fusionvae"
+
+
+def _load_yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
+
+
+def training_run(ckpt_path: str | Path | None) -> dict:
+    """The Hydra facts of the run that wrote ``<run>/checkpoints/<name>.ckpt``: its dir, model
+    config choice and overrides (empty when the checkpoint lives elsewhere)."""
+    if not ckpt_path:
+        return {}
+    run = Path(ckpt_path).resolve().parent.parent
+    hydra = _load_yaml(run / ".hydra" / "hydra.yaml")
+    overrides = _load_yaml(run / ".hydra" / "overrides.yaml")
+    if hydra is None and overrides is None:
+        return {}
+    choices = ((hydra or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
+    return {"run_dir": str(run), "model_config": choices.get("model"), "overrides": list(overrides or [])}
+
+
+def describe_model(hparams: Mapping, ckpt_path: str | Path | None = None) -> dict:
+    """Model facts for reports: name (the training config's ``model`` choice, else inferred),
+    ablation switches and sizes, and the training run's overrides when found."""
+    info = {key: hparams[key] for key in MODEL_KEYS if key in hparams}
+    train = training_run(ckpt_path)
+    info["name"] = train.get("model_config") or infer_model_name(hparams)
+    if train:
+        info["train_run"] = train["run_dir"]
+        info["train_overrides"] = train["overrides"]
+    return info
+
+
+def per_k_rows(results: Mapping[str, float]) -> list[dict]:
+    """``{"test/<metric>_k<K>": v}`` -> one row per K: ``{"K": K, <metric>: v, ...}``."""
+    rows: dict[int, dict] = {}
+    for key, value in results.items():
+        match = _KEY.match(key)
+        if match and not isinstance(value, (dict, list, str)):
+            k = int(match["k"])
+            rows.setdefault(k, {"K": k})[match["metric"]] = float(value)
+    return [rows[k] for k in sorted(rows)]
+
+
+def metric_columns(rows: Iterable[Mapping]) -> list[str]:
+    """Metric keys present in ``rows``: the known ones in ``METRICS`` order, then any others."""
+    present = {key for row in rows for key in row}
+    known = [m for m in METRICS if m in present]
+    return known + sorted(present - set(known) - {"K", "run", "model", "label"} - set(MODEL_KEYS) - {"name"})
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[Mapping], columns: list[str], headers: Mapping[str, str] | None = None) -> str:
+    headers = headers or {}
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+             "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[Mapping], columns: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def headers_for(units: str | None) -> dict[str, str]:
+    suffix = f" ({units})" if units else ""
+    return {**METRICS, "nelbo": "NELBO" + suffix, "iw_nll": "IW-NLL" + suffix}
+
+
+def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: str | None = None) -> Path:
+    """One panel per metric, metric against K, one line per entry of ``series`` (label -> rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    columns = metric_columns([row for rows in series.values() for row in rows])
+    headers = headers_for(units)
+    ncols = min(4, max(1, len(columns)))
+    nrows = max(1, -(-len(columns) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        for label, rows in series.items():
+            pts = [(row["K"], row[col]) for row in rows if col in row]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_title(headers.get(col, col), fontsize=9)
+        ax.set_xlabel("K (input views)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ks = sorted({row["K"] for rows in series.values() for row in rows})
+        ax.set_xticks(ks)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(series) > 1 and handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 1))
+    else:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Mapping[str, float], info: Mapping, out_dir: Path | str) -> dict[str, Path]:
+    """metrics.json (``info`` + flat ``test/...`` metrics), metrics.csv and metrics.md (one row per
+    K) and metrics_vs_k.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = per_k_rows(results)
+    columns = ["K", *metric_columns(rows)]
+    units = info.get("units")
+    paths = {name: out_dir / f"metrics.{name}" for name in ("json", "csv", "md")}
+    paths["json"].write_text(json.dumps({**info, **results}, indent=2))
+    write_csv(rows, columns, paths["csv"])
+    model = info.get("model") or {}
+    eval_cfg = info.get("eval") or {}
+    title = f"# Evaluation: {model.get('name', 'model')}\n\n"
+    facts = [f"checkpoint: `{info.get('ckpt_path')}`"] if info.get("ckpt_path") else []
+    if model:
+        facts.append(", ".join(f"{k}={model[k]}" for k in ("aggregation", "skip", "res_dist", "stochastic") if k in model))
+    if eval_cfg:
+        facts.append(f"S={eval_cfg.get('iw_samples')} importance samples, N={eval_cfg.get('num_samples')} samples "
+                     f"at t={eval_cfg.get('sample_temperature')} ({eval_cfg.get('decode')} images)")
+    body = "".join(f"- {fact}\n" for fact in facts)
+    paths["md"].write_text(title + body + "\n" + markdown_table(rows, columns, {**headers_for(units), "K": "K"}))
+    paths["png"] = plot_metrics_vs_k({model.get("name", "model"): rows}, out_dir / "metrics_vs_k.png", units)
+    return paths
