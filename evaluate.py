@@ -1,4 +1,8 @@
-"""Evaluate a checkpoint per K: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [dataset=...]"""
+"""Evaluate a checkpoint per K (NELBO, importance-weighted NLL, best-/mean-of-N MSE, PSNR, SSIM,
+sample grids): python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [dataset=...] [eval.iw_samples=...]
+
+Writes metrics.json / metrics.csv / metrics.md, metrics_vs_k.png and images/grid_k<K>.png to the
+run directory and logs ``test/<metric>_k<K>`` to the loggers (see fusionvae/evaluation.py)."""
 import hydra
 from omegaconf import DictConfig
 
