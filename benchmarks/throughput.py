@@ -31,6 +31,7 @@ def main() -> None:
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=/tmp", "dataset.persistent_workers=false", *overrides])
     dm = instantiate(cfg.dataset)
+    dm.prepare_data()
     dm.setup("fit")
     model = instantiate(cfg.model).to(args.device).train()
     opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
