@@ -78,9 +78,10 @@ def per_k_rows(results: Mapping[str, float]) -> list[dict]:
 
 def metric_columns(rows: Iterable[Mapping]) -> list[str]:
     """Metric keys present in ``rows``: the known ones in ``METRICS`` order, then any others."""
-    present = {key for row in rows for key in row}
+    present = {key for row in rows for key, value in row.items()
+               if isinstance(value, float) and key != "K" and key not in MODEL_KEYS}
     known = [m for m in METRICS if m in present]
-    return known + sorted(present - set(known) - {"K", "run", "model", "label"} - set(MODEL_KEYS) - {"name"})
+    return known + sorted(present - set(known))
 
 
 def _fmt(value) -> str:
