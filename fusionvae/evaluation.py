@@ -9,6 +9,8 @@ a subset), in eval mode and fp32 (autocast off):
   pass each (``repeats``) so memory stays bounded; both in nats (MNIST, central crop) or bits/dim;
 - ``{mse,psnr,ssim}_{best,mean}``: best-of-N and mean-of-N over N = ``eval.num_samples`` images
   decoded from z ~ p(z | x) at ``eval.sample_temperature`` against the target (central crop).
+  For a deterministic net (FCN) every draw is the same, so S = 1 (and N = 1 with mean images) is
+  used: the values are identical and exact.
 
 The metrics run inside Lightning's test loop (device, loggers and ``limit_test_batches`` come from
 the trainer config; the trainer's precision is forced to fp32 by conf/evaluate.yaml), are logged as
@@ -111,9 +113,12 @@ def draw_samples(module: FusionVAEModule, views: torch.Tensor, n: int, t: float 
 def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, settings: EvalSettings) -> dict[str, torch.Tensor]:
     """All metrics per item ``[B]`` for K = ``k`` views (NELBO / IW-NLL in the module's units)."""
     views, target = module.split(batch, k)
-    iw = importance_weighted(module, views, target, settings.iw_samples, settings.iw_chunk)
+    # a deterministic net (FCN: log q = log p = 0) gives the same weight for every draw: one is exact
+    stochastic = module.net.stochastic
+    iw = importance_weighted(module, views, target, settings.iw_samples if stochastic else 1, settings.iw_chunk)
     out = {name: module.to_units(value, target) for name, value in iw.items()}
-    samples = draw_samples(module, views, settings.num_samples, settings.sample_temperature, settings.decode, settings.iw_chunk)
+    n = settings.num_samples if stochastic or settings.decode == "sample" else 1  # mean images of one z: alike
+    samples = draw_samples(module, views, n, settings.sample_temperature, settings.decode, settings.iw_chunk)
     out.update(sample_metrics(samples, target, crop=module.hparams.crop))
     return out
 

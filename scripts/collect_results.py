@@ -25,6 +25,7 @@ from fusionvae.report import (  # noqa: E402
 )
 
 DEFAULTS = {"aggregation": "max", "skip": "none", "res_dist": False}
+MODEL_ORDER = ("fusionvae", "cvae", "fcn")  # table order; other names follow in the order found
 
 
 def _yaml(path: Path):
@@ -34,15 +35,17 @@ def _yaml(path: Path):
 
 
 def find_metrics(roots: list[Path]) -> list[Path]:
-    found = []
+    """metrics.json files under ``roots``, in the order of the roots, sorted within each."""
+    found: dict[Path, None] = {}
     for root in roots:
         if root.is_file() and root.name == "metrics.json":
-            found.append(root)
+            paths = [root]
         elif root.is_dir():
-            found += sorted(root.rglob("metrics.json"))
+            paths = sorted(root.rglob("metrics.json"), key=lambda p: [int(x) if x.isdigit() else x for x in p.parts])
         else:
             raise FileNotFoundError(f"no such run directory: {root}")
-    return sorted(set(p.resolve() for p in found))
+        found.update((p.resolve(), None) for p in paths)
+    return list(found)
 
 
 def describe_run(run_dir: Path, data: dict) -> dict:
@@ -108,8 +111,12 @@ def collect(roots: list[Path]) -> tuple[list[dict], dict[str, list[dict]], str |
                          "train_overrides": " ".join(model.get("train_overrides", [])),
                          "eval_overrides": " ".join(model.get("eval_overrides", [])), **row})
         series[label] = per_k
-    order = {label: i for i, label in enumerate(series)}
+    rank = {name: i for i, name in enumerate(MODEL_ORDER)}
+    first = {label: i for i, label in enumerate(series)}
+    names = {row["label"]: str(row["model"]) for row in rows}
+    order = {label: (rank.get(names[label].removesuffix("_skip"), len(rank)), first[label]) for label in series}
     rows.sort(key=lambda r: (r["K"], order[r["label"]]))
+    series = dict(sorted(series.items(), key=lambda item: order[item[0]]))
     return rows, series, units.pop() if len(units) == 1 else None
 
 
