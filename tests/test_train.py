@@ -42,7 +42,8 @@ def test_train_evaluate_resume(data_dir, tmp_path):
     assert sorted((run / "images").glob("grid_k3_epoch0000.png"))
 
     # evaluate.py's job on the checkpoint: per-K metrics, written to JSON
-    ev = cfg_for(data_dir, tmp_path / "eval", f"ckpt_path={last}", "trainer.limit_test_batches=1", name="evaluate")
+    ev = cfg_for(data_dir, tmp_path / "eval", f"ckpt_path={last}", "trainer.limit_test_batches=1",
+                 "eval.iw_samples=8", "eval.num_samples=2", "eval.grid_images=2", name="evaluate")
     results = run_evaluation(ev)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for k in range(4):
