@@ -1,8 +1,13 @@
 """Datasets fetched one batch at a time."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset
+
+from datamodules.corruption import make_stack
 
 
 class BatchedDataset(Dataset):
@@ -14,3 +19,27 @@ class BatchedDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+class CorruptedImages(BatchedDataset):
+    """``length`` clean images read by ``fetch(indices) -> float [B, C, H, W]`` in [0, 1]; every
+    fetch flips them horizontally (p = 0.5) if ``flip`` and draws new corrupted views
+    (``make_stack`` with ``corruption``, torch's global RNG): items ``[views + 1, C, H, W]``."""
+
+    def __init__(self, fetch: Callable[[list[int]], torch.Tensor], length: int, views: int,
+                 corruption: dict[str, Any], flip: bool = False):
+        self.fetch = fetch
+        self.length = length
+        self.views = views
+        self.corruption = corruption
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        clean = self.fetch(indices)
+        if self.flip:
+            flip = (torch.rand(len(clean)) < 0.5).view(-1, 1, 1, 1)
+            clean = torch.where(flip, clean.flip(-1), clean)
+        return list(make_stack(clean, self.views, **self.corruption).unbind(0))

@@ -8,37 +8,21 @@ it reproducible). Validation / test: the stacks stored in ``<lmdb_dir>/valid`` a
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from datamodules.batched import BatchedDataset
+from datamodules.batched import CorruptedImages
 from datamodules.base import FusionDataModule
-from datamodules.corruption import make_stack
 from datamodules.lmdb_store import LMDBReader, StoredStacks, to_tensor
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
 
-class FlippedCorruptedFaces(BatchedDataset):
-    """Clean images from an LMDB; every fetch flips (p = 0.5) and draws new corrupted views."""
-
-    def __init__(self, reader: LMDBReader, views: int, corruption: dict[str, Any], flip: bool):
-        self.reader = reader
-        self.views = views
-        self.corruption = corruption
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        # Called by the DataLoader with a whole batch: one read, one flip, one corruption.
-        clean = to_tensor(self.reader.get_many(indices)[:, 0])  # [B, 3, H, W]
-        if self.flip:
-            flip = (torch.rand(len(clean)) < 0.5).view(-1, 1, 1, 1)
-            clean = torch.where(flip, clean.flip(-1), clean)
-        return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+def read_faces(reader: LMDBReader, indices: list[int]) -> torch.Tensor:
+    """Clean faces ``[B, 3, H, W]`` in [0, 1] from the train LMDB."""
+    return to_tensor(reader.get_many(indices)[:, 0])
 
 
 class FusionCelebADataModule(FusionDataModule):
@@ -95,7 +79,9 @@ class FusionCelebADataModule(FusionDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = FlippedCorruptedFaces(self._reader("train"), self.k_max, self.spec.corruption(), self.flip)
+            reader = self._reader("train")
+            self.train_set = CorruptedImages(partial(read_faces, reader), len(reader), self.k_max,
+                                             self.spec.corruption(), self.flip)
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = StoredStacks(self._reader("valid"))
         if stage in (None, "test") and self.test_set is None:

@@ -6,15 +6,16 @@ with one fixed corruption drawn from ``val_seed`` in ``setup`` and stored as uin
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from datamodules.batched import BatchedDataset
+from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.base import FusionDataModule
-from datamodules.corruption import corrupt, make_stack
+from datamodules.corruption import corrupt
 from datamodules.idx import read_idx
 
 MNIST_SIZE = 28
@@ -48,21 +49,9 @@ def load_mnist_images(data_dir: str | Path, split: str, pad: int) -> torch.Tenso
     return torch.from_numpy(padded).unsqueeze(1)
 
 
-class CorruptedImages(BatchedDataset):
-    """Clean uint8 images; every fetch draws new corrupted views (``make_stack``, global RNG)."""
-
-    def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any]):
-        self.images = images
-        self.views = views
-        self.corruption = corruption
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        # Called by the DataLoader with a whole batch: one vectorised corruption per batch.
-        clean = self.images[indices].float().div_(255)
-        return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+def scale_to_unit(images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """uint8 ``images[indices]`` as float in [0, 1]."""
+    return images[indices].float().div_(255)
 
 
 class FixedCorruptedImages(BatchedDataset):
@@ -148,7 +137,7 @@ class FusionMNISTDataModule(FusionDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             images = load_mnist_images(self.data_dir, "train", self.pad)
-            self.train_set = CorruptedImages(images, self.k_max, self.corruption)
+            self.train_set = CorruptedImages(partial(scale_to_unit, images), len(images), self.k_max, self.corruption)
         if self.val_set is None:  # every stage evaluates on t10k
             images = load_mnist_images(self.data_dir, "test", self.pad)
             self.val_set = FixedCorruptedImages(images, self.k_max, self.corruption, self.val_seed)
