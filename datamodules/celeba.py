@@ -16,6 +16,7 @@ import torch
 
 from datamodules.batched import CorruptedImages
 from datamodules.base import FusionDataModule
+from datamodules.corruption import check_corruption
 from datamodules.lmdb_store import LMDBReader, StoredStacks, to_tensor
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
@@ -54,12 +55,7 @@ class FusionCelebADataModule(FusionDataModule):
         super().__init__(**kwargs)
         if self.channels != 3:
             raise ValueError(f"FusionCelebA is RGB: set dataset.channels=3 (got {self.channels})")
-        if n_ellipses < 1:
-            raise ValueError(f"dataset.n_ellipses must be >= 1, got {n_ellipses}")
-        if not 0 <= r_low < r_high:
-            raise ValueError(f"need 0 <= dataset.r_low < dataset.r_high, got r_low={r_low}, r_high={r_high}")
-        if noise_std < 0:
-            raise ValueError(f"dataset.noise_std must be >= 0, got {noise_std}")
+        check_corruption(n_ellipses, r_low, r_high, noise_std)
         self.data_dir = data_dir
         self.lmdb_dir = Path(lmdb_dir if lmdb_dir else Path(data_dir) / "fusion_celeba_lmdb").expanduser().absolute()
         self.flip = flip

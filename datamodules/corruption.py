@@ -62,3 +62,14 @@ def make_stack(images: torch.Tensor, views: int, generator: torch.Generator | No
     """``[N, views + 1, C, H, W]``: ``views`` corrupted views followed by the clean target."""
     noisy = corrupt(images, views, generator=generator, **corruption)
     return torch.cat([noisy, images.unsqueeze(1)], dim=1)
+
+
+def check_corruption(n_ellipses: int, r_low: int, r_high: int, noise_std: float) -> dict:
+    """Validated corruption settings (config keys ``dataset.*``) as ``corrupt`` keyword arguments."""
+    if n_ellipses < 1:
+        raise ValueError(f"dataset.n_ellipses must be >= 1, got {n_ellipses}")
+    if not 0 <= r_low < r_high:
+        raise ValueError(f"need 0 <= dataset.r_low < dataset.r_high, got r_low={r_low}, r_high={r_high}")
+    if noise_std < 0:
+        raise ValueError(f"dataset.noise_std must be >= 0, got {noise_std}")
+    return dict(n_ellipses=n_ellipses, r_low=r_low, r_high=r_high, noise_std=noise_std)

@@ -15,7 +15,7 @@ import torch
 
 from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.base import FusionDataModule
-from datamodules.corruption import corrupt
+from datamodules.corruption import check_corruption, corrupt
 from datamodules.idx import read_idx
 
 MNIST_SIZE = 28
@@ -105,17 +105,11 @@ class FusionMNISTDataModule(FusionDataModule):
                 f"does not match dataset.pad={pad}; set dataset.image_size={MNIST_SIZE + 2 * max(pad, 0)} "
                 f"or change dataset.pad"
             )
-        if n_ellipses < 1:
-            raise ValueError(f"dataset.n_ellipses must be >= 1, got {n_ellipses}")
-        if not 0 <= r_low < r_high:
-            raise ValueError(f"need 0 <= dataset.r_low < dataset.r_high, got r_low={r_low}, r_high={r_high}")
-        if noise_std < 0:
-            raise ValueError(f"dataset.noise_std must be >= 0, got {noise_std}")
         self.data_dir = data_dir
         self.download = download
         self.pad = pad
         self.val_seed = val_seed
-        self.corruption = dict(n_ellipses=n_ellipses, r_low=r_low, r_high=r_high, noise_std=noise_std)
+        self.corruption = check_corruption(n_ellipses, r_low, r_high, noise_std)
 
     def prepare_data(self) -> None:
         """Check that the image files exist; fetch them with torchvision first if ``download``."""
