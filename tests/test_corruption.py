@@ -26,15 +26,30 @@ def test_shapes_and_dtypes() -> None:
     assert torch.equal(stack[:, -1], images)  # clean target last
 
 
-def test_pixels_outside_masks_are_zero_and_range() -> None:
+def _official_view(img: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, std: float) -> torch.Tensor:
+    """The official FusionVAE formula, element by element: mask the image, then add noise to every
+    pixel (inside and outside the windows) and clip to [0, 1]."""
+    return torch.minimum(torch.maximum(img * mask.float() + std * noise, torch.zeros(())), torch.ones(()))
+
+
+def test_views_follow_the_official_formula_exactly() -> None:
     images = torch.rand(8, 1, 32, 32)
     views = corrupt(images, 3, noise_std=0.25, generator=_gen(1), **MNIST)
-    masks = ellipse_masks(8, 3, 32, 32, generator=_gen(1), **MNIST)  # same draws come first
-    assert torch.all(views[~masks.expand_as(views)] == 0)
+    g = _gen(1)
+    masks = ellipse_masks(8, 3, 32, 32, generator=g, **MNIST)  # the masks are drawn first,
+    noise = torch.randn((8, 3, 1, 32, 32), generator=g)  # then one noise map per view
+    assert torch.allclose(views, _official_view(images.unsqueeze(1), masks, noise, 0.25), atol=1e-6, rtol=0)
     assert views.min() >= 0 and views.max() <= 1
-    # Noise only inside the windows, and it does change the visible pixels.
-    visible = masks.expand_as(views)
-    assert not torch.allclose(views[visible], images.unsqueeze(1).expand_as(views)[visible])
+
+
+def test_noise_covers_the_pixels_outside_the_windows() -> None:
+    """Outside a window a pixel is max(0, 0.25 N(0, 1)): mean 0.25 / sqrt(2 pi) ~ 0.0997, half non-zero."""
+    images = torch.ones(400, 1, 32, 32)
+    views = corrupt(images, 3, noise_std=0.25, generator=_gen(5), **MNIST)
+    outside = views[~ellipse_masks(400, 3, 32, 32, generator=_gen(5), **MNIST).expand_as(views)]
+    assert outside.numel() > 500_000
+    assert abs(outside.mean().item() - 0.25 / math.sqrt(2 * math.pi)) < 0.001
+    assert abs((outside > 0).float().mean().item() - 0.5) < 0.003
 
 
 def test_no_noise_keeps_visible_pixels() -> None:

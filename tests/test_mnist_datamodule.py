@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import re
 import subprocess
@@ -88,6 +89,17 @@ def test_val_views_are_fixed_and_quantised(dm: FusionMNISTDataModule) -> None:
     assert torch.equal(dm.val_set[5], dm.val_set[5])
     assert torch.equal(torch.stack(dm.val_set.__getitems__([5, 9])), torch.stack([dm.val_set[5], dm.val_set[9]]))
     assert torch.equal((dm.val_set[5] * 255).round() / 255, dm.val_set[5])
+
+
+def test_val_views_have_noise_everywhere(dm: FusionMNISTDataModule) -> None:
+    """Official formula: the 2-px padding (never a digit pixel) is max(0, 0.25 N(0, 1)), quantised:
+    mean 0.25 / sqrt(2 pi) ~ 0.0997 and about half of its pixels non-zero."""
+    views = dm.val_set.noisy.float().div(255)  # [10000, 3, 1, 32, 32]
+    pad = torch.ones(32, 32, dtype=torch.bool)
+    pad[2:-2, 2:-2] = False
+    padding = views[..., pad]
+    assert abs(padding.mean().item() - 0.25 / math.sqrt(2 * math.pi)) < 0.001
+    assert 0.48 < (padding > 0).float().mean().item() < 0.51
 
 
 def test_val_depends_on_val_seed_only(dm: FusionMNISTDataModule) -> None:
