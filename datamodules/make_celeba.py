@@ -4,8 +4,10 @@
 
 Input: ``<root>/celeba/img_align_celeba/*.jpg`` and ``<root>/celeba/list_eval_partition.txt``
 (lines ``000001.jpg 0``; 0 train, 1 valid, 2 test). Every face is cropped to rows 40:188, columns
-15:163 (148x148) and area-resized to ``image_size`` (PIL ``Image.BOX``: each output pixel is the
-area-weighted mean of the input pixels it covers), RGB.
+15:163 (148x148) and area-resized to ``image_size`` with exact fractional-overlap weights (each
+output pixel is the mean of the input area it covers, partly covered pixels weighted by the
+covered fraction: what cv2 ``INTER_AREA`` computes, as the official code does; PIL's ``BOX``
+filter is not that for 148 -> 64), RGB.
 
 Output (``lmdb_store`` format) under ``--out`` (default ``<root>/fusion_celeba_lmdb``):
   ``train/``  one clean ``[1, S, S, 3]`` image per record (flip and corruption happen online);
@@ -33,7 +35,7 @@ from datamodules.lmdb_store import check_meta, encode_stack, ensure_lmdb, is_com
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the stored content changes for the same settings
+VERSION = 2  # 2: exact area resize (1 used PIL BOX). Bump when the stored content changes for the same settings
 CROP_BOX = (15, 40, 163, 188)  # PIL (left, upper, right, lower): rows 40:188, columns 15:163
 SPLITS = {"train": 0, "valid": 1, "test": 2}  # split name -> code in list_eval_partition.txt
 OFFICIAL_COUNTS = {"train": 162_770, "valid": 19_867, "test": 19_962}
@@ -63,7 +65,7 @@ class CelebASpec:
             shape=[1 if clean else self.views + 1, self.image_size, self.image_size, 3],
             channels=3,
             seed=None if clean else self.seed,
-            params=dict(crop=list(CROP_BOX), resize="PIL.BOX", image_size=self.image_size,
+            params=dict(crop=list(CROP_BOX), resize="area", image_size=self.image_size,
                         **({} if clean else self.corruption())),
         )
         if count is not None:
@@ -100,11 +102,30 @@ def read_partition(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]``: row i holds the fraction of each input pixel inside output pixel i's
+    span ``[i * n_in / n_out, (i + 1) * n_in / n_out)``, divided by the span (rows sum to 1)."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    j = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None)
+    return overlap / (n_in / n_out)
+
+
+def area_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[size, size, C]`` area average of uint8 ``image [H, W, C]`` (rounded to nearest)."""
+    rows, cols = area_weights(image.shape[0], size), area_weights(image.shape[1], size)
+    h, w, c = image.shape
+    out = (rows @ image.reshape(h, w * c).astype(np.float64)).reshape(size, w, c)  # [size, W, C]
+    out = (out.transpose(0, 2, 1) @ cols.T).transpose(0, 2, 1)  # [size, size, C]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def load_face(path: str | Path, size: int) -> np.ndarray:
     """uint8 ``[size, size, 3]``: the 148x148 crop, area-resized."""
     with Image.open(path) as img:
-        face = img.convert("RGB").crop(CROP_BOX).resize((size, size), Image.BOX)
-    return np.array(face)
+        face = np.asarray(img.convert("RGB").crop(CROP_BOX))
+    return area_resize(face, size)
 
 
 def record_generator(seed: int, split: str, index: int) -> torch.Generator:

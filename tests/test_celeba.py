@@ -11,7 +11,7 @@ from PIL import Image
 
 from datamodules.celeba import FusionCelebADataModule
 from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, read_meta
-from datamodules.make_celeba import CelebASpec, build_celeba, main, read_partition
+from datamodules.make_celeba import CelebASpec, area_resize, build_celeba, main, read_partition
 from standins import make_celeba
 
 COUNTS = {"train": 24, "valid": 8, "test": 8}
@@ -29,15 +29,41 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _brute_force_area(image: np.ndarray) -> np.ndarray:
+    """Exact area average 148 -> 64 (float): repeat each pixel 16x16 (148 * 16 = 64 * 37 = 2368), then
+    average 37x37 blocks."""
+    big = np.repeat(np.repeat(image.astype(np.float64), 16, axis=0), 16, axis=1)
+    return big.reshape(64, 37, 64, 37, -1).mean(axis=(1, 3))
+
+
 def _faces(root: Path, split: str) -> np.ndarray:
-    """Reference preprocessing: crop rows 40:188, cols 15:163, PIL BOX resize to 64x64."""
+    """Reference preprocessing: crop rows 40:188, cols 15:163, exact area average to 64x64, rounded."""
     base = root / "celeba"
     names = read_partition(base / "list_eval_partition.txt")[split]
     out = []
     for name in names:
         with Image.open(base / "img_align_celeba" / name) as img:
-            out.append(np.asarray(img.convert("RGB").crop((15, 40, 163, 188)).resize((64, 64), Image.BOX)))
+            crop = np.asarray(img.convert("RGB"))[40:188, 15:163]
+        out.append(np.rint(_brute_force_area(crop)).astype(np.uint8))  # k + 1/2 cannot occur: 37^2 is odd
     return np.stack(out)
+
+
+def test_area_resize_matches_brute_force_on_random_input() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (148, 148, 3), dtype=np.uint8)
+    exact = _brute_force_area(image)
+    ours = area_resize(image, 64).astype(np.float64)
+    assert np.abs(ours - exact).max() <= 0.5  # only the rounding differs
+    assert np.abs(ours - exact).mean() < 0.3
+    box = np.asarray(Image.fromarray(image).resize((64, 64), Image.BOX)).astype(np.float64)
+    assert np.abs(box - exact).max() > 20  # PIL BOX is not an area average for 148 -> 64
+
+
+def test_area_resize_of_a_smooth_image() -> None:
+    i, j = np.mgrid[0:148, 0:148].astype(np.float64)
+    image = np.stack([1.5 * i + 0.2 * j, 255 - 1.6 * j, 128 + 100 * np.sin(i / 30)], -1).round().astype(np.uint8)
+    exact = _brute_force_area(image)
+    assert np.abs(area_resize(image, 64) - exact).max() <= 0.5
+    assert np.array_equal(area_resize(np.full((148, 148, 3), 77, np.uint8), 64), np.full((64, 64, 3), 77))
 
 
 def _tensor(images: np.ndarray) -> torch.Tensor:
@@ -51,9 +77,9 @@ def test_generated_lmdbs(root: Path) -> None:
         meta = read_meta(lmdb_dir / split)
         assert meta["count"] == count and meta["channels"] == 3 and meta["kind"] == f"fusion_celeba/{split}"
         assert meta["shape"] == ([1, 64, 64, 3] if split == "train" else [4, 64, 64, 3])
-        assert meta["seed"] == (None if split == "train" else 0) and meta["version"] == 1
+        assert meta["seed"] == (None if split == "train" else 0) and meta["version"] == 2
     assert read_meta(lmdb_dir / "valid")["params"] == dict(
-        crop=[15, 40, 163, 188], resize="PIL.BOX", image_size=64, n_ellipses=4, r_low=0, r_high=15, noise_std=0.0)
+        crop=[15, 40, 163, 188], resize="area", image_size=64, n_ellipses=4, r_low=0, r_high=15, noise_std=0.0)
     train = LMDBReader(lmdb_dir / "train").get_many(range(COUNTS["train"]))[:, 0]
     assert np.array_equal(train, _faces(root, "train"))
 
@@ -89,6 +115,16 @@ def test_regeneration_skipped_or_refused(root: Path) -> None:
         _dm(root, val_seed=5).setup("validate")
     with pytest.raises(LMDBMetadataError, match=r"shape: stored \[4, 64, 64, 3\], config expects \[3, 64, 64, 3\]"):
         _dm(root, k_max=2).setup("validate")
+
+
+def test_lmdbs_of_an_older_generator_are_refused(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datamodules.make_celeba as make
+
+    with monkeypatch.context() as m:
+        m.setattr(make, "VERSION", 1)  # LMDBs of the PIL BOX era
+        build_celeba(root, tmp_path, CelebASpec(), workers=0, progress=False)
+    with pytest.raises(LMDBMetadataError, match=r"version: stored 1, config expects 2.*make_celeba --root"):
+        _dm(root, lmdb_dir=str(tmp_path)).prepare_data()
 
 
 def test_lmdbs_suffice_without_celeba(root: Path, tmp_path: Path) -> None:
