@@ -30,8 +30,8 @@ class FusionCelebADataModule(FusionDataModule):
     """FusionCelebA from ``<data_dir>/celeba`` (torchvision layout) via LMDBs in ``lmdb_dir``
     (default ``<data_dir>/fusion_celeba_lmdb``).
 
-    Each view shows ``n_ellipses`` windows with radius in [r_low, r_high) plus Gaussian noise of std
-    ``noise_std``; ``val_seed`` seeds the stored validation / test corruption; ``flip`` enables the
+    Each view shows ``n_ellipses`` windows with radius in [r_low, r_high), then Gaussian noise of std
+    ``noise_std`` on every pixel; ``val_seed`` seeds the stored validation / test corruption; ``flip`` enables the
     random horizontal flip in training; ``workers`` processes build the LMDBs (None: all cores).
     Other keyword arguments go to ``FusionDataModule``.
     """

@@ -79,8 +79,8 @@ class FusionMNISTDataModule(FusionDataModule):
     """FusionMNIST from ``<data_dir>/MNIST/raw`` (torchvision's raw layout, ``.gz`` accepted).
 
     ``pad`` zero pixels are added on each side (``image_size`` must be 28 + 2 pad, ``channels`` 1);
-    each view shows ``n_ellipses`` windows with radius in [r_low, r_high) plus Gaussian noise of
-    std ``noise_std``. Other keyword arguments go to ``FusionDataModule`` (``crop`` defaults to ``pad``).
+    each view shows ``n_ellipses`` windows with radius in [r_low, r_high), then Gaussian noise of
+    std ``noise_std`` on every pixel (``datamodules.corruption``). Other keyword arguments go to ``FusionDataModule`` (``crop`` defaults to ``pad``).
     """
 
     def __init__(

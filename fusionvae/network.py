@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .aggregation import aggregate, aggregate_features, check_aggregation
+from .aggregation import aggregate_features, aggregate_params, check_aggregation
 from .cells import decoder_cell, encoder_cell
 from .distributions import LIKELIHOODS, Normal, soft_clamp
 from .layers import conv
@@ -160,8 +160,7 @@ class FusionVAE(nn.Module):
 
     def _prior(self, l: int, s: torch.Tensor, view_params: torch.Tensor | None) -> Normal:
         if view_params is not None and view_params.shape[1] > 0:
-            mu, sigma = Normal.from_params(view_params, dim=2).params()
-            return aggregate(mu, sigma, self.aggregation)
+            return aggregate_params(view_params, self.aggregation)
         if l == 0:  # unconditional top prior
             return Normal.standard((s.shape[0], self.z_ch, *s.shape[2:]), s.device)
         return Normal.from_params(self.prior_heads[l](s))

@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from fusionvae.aggregation import aggregate, aggregate_features, check_aggregation
+from fusionvae.aggregation import aggregate, aggregate_features, aggregate_params, check_aggregation
+from fusionvae.distributions import Normal
 
 
 @pytest.mark.parametrize("mode", ["max", "mean", "bayes"])
@@ -51,5 +54,47 @@ def test_bayes_sharpens_with_more_views():
 
 
 def test_unknown_aggregation_is_rejected():
-    with pytest.raises(ValueError, match="unknown aggregation 'median'.*max, mean, bayes"):
+    with pytest.raises(ValueError, match="unknown aggregation 'median'.*max, mean, bayes, bayes_official"):
         check_aggregation("median")
+
+
+def test_bayes_official_is_the_sequential_update_on_raw_outputs():
+    # raw heads: view 1 (mu 1, log var 0), view 2 (mu 3, log var log 4): gain 1/5, m = 1.4, v = 0.8
+    params = torch.tensor([[[1.0, 0.0], [3.0, math.log(4.0)]]]).view(1, 2, 2, 1)
+    out = aggregate_params(params, "bayes_official")
+    expected = Normal.from_params(torch.tensor([[1.4], [math.log(0.8)]]).view(1, 2, 1))
+    torch.testing.assert_close(out.mu, expected.mu)
+    torch.testing.assert_close(out.sigma, expected.sigma)
+    assert out.sigma.item() == pytest.approx(math.exp(5 * math.tanh(math.log(0.8) / 5)) + 0.01)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_bayes_official_equals_the_product_with_variance_exp_log_sigma(k):
+    torch.manual_seed(10 + k)
+    params = torch.randn(3, k, 4, 2, 2)
+    mu, log_var = params.chunk(2, dim=2)
+    precision = (-log_var).exp()
+    total = precision.sum(1)
+    closed = Normal.from_params(torch.cat([(mu * precision).sum(1) / total, -total.log()], dim=1))
+    out = aggregate_params(params, "bayes_official")
+    torch.testing.assert_close(out.mu, closed.mu)
+    torch.testing.assert_close(out.sigma, closed.sigma)
+    perm = aggregate_params(params[:, torch.randperm(k)], "bayes_official")
+    torch.testing.assert_close(perm.mu, out.mu)
+    torch.testing.assert_close(perm.sigma, out.sigma)
+
+
+def test_bayes_official_is_more_confident_than_the_product():
+    """K equal views of std s: the product gives s / sqrt(K); the official update about s / K."""
+    raw = torch.zeros(1, 3, 2, 1)  # mu 0, log sigma 0 -> effective std exp(0) + 0.01 per view
+    fused = [aggregate_params(raw[:, :k], m).sigma.item() for m in ("bayes", "bayes_official") for k in (3,)]
+    assert fused[0] == pytest.approx(1.01 / math.sqrt(3), rel=1e-5)
+    assert fused[1] == pytest.approx(math.exp(5 * math.tanh(math.log(1 / 3) / 5)) + 0.01, rel=1e-5)
+    assert fused[1] < fused[0]
+
+
+@pytest.mark.parametrize("mode", ["max", "mean", "bayes"])
+def test_aggregate_params_applies_the_parameterisation_first(mode):
+    params = torch.randn(2, 3, 6, 2, 2) * 4
+    mu, sigma = Normal.from_params(params, dim=2).params()
+    torch.testing.assert_close(aggregate_params(params, mode).mu, aggregate(mu, sigma, mode).mu)

@@ -50,7 +50,8 @@ def test_fcn_has_no_kl_and_the_skip_changes_the_output():
         torch.testing.assert_close(recon0, recon0_skip)
 
 
-@pytest.mark.parametrize("override", ["model.aggregation=mean", "model.aggregation=bayes", "model.res_dist=true",
+@pytest.mark.parametrize("override", ["model.aggregation=mean", "model.aggregation=bayes", "model.aggregation=bayes_official",
+                                      "model.res_dist=true",
                                       "model.skip=max", "model.skip=mean"])
 def test_ablation_switches_build_and_run(override):
     module = instantiate(compose_cfg("train", [*TINY, override]).model).eval()
@@ -67,7 +68,7 @@ def test_sweep_recipes():
         abl = compose("train", overrides=["hparams_search=ablation"], return_hydra_config=True)
     assert str(cmp.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cmp.hydra.sweeper.params) == {"model": "fusionvae,cvae,fcn", "model.skip": "none,max"}
-    assert dict(abl.hydra.sweeper.params) == {"model": "fusionvae", "model.aggregation": "max,mean,bayes",
+    assert dict(abl.hydra.sweeper.params) == {"model": "fusionvae", "model.aggregation": "max,mean,bayes,bayes_official",
                                               "model.res_dist": "false,true"}
 
 
