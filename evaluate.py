@@ -1,17 +1,20 @@
 """Evaluate a checkpoint per K (NELBO, importance-weighted NLL, best-/mean-of-N MSE, PSNR, SSIM,
 sample grids): python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [dataset=...] [eval.iw_samples=...]
 
-Writes metrics.json / metrics.csv / metrics.md, metrics_vs_k.png and images/grid_k<K>.png to the
-run directory and logs ``test/<metric>_k<K>`` to the loggers (see fusionvae/evaluation.py)."""
+``ckpt_path=last`` takes the newest training run's last.ckpt. Writes metrics.json / metrics.csv /
+metrics.md, metrics_vs_k.png and images/grid_k<K>.png to the run directory and logs
+``test/<metric>_k<K>`` to the loggers (see fusionvae/evaluation.py)."""
 import hydra
 from omegaconf import DictConfig
 
+from fusionvae.errors import reported
 from fusionvae.evaluation import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    return run_evaluation(cfg)
+    with reported():
+        return run_evaluation(cfg)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """Shared LightningDataModule plumbing: loader settings and the sample-stack contract."""
 from __future__ import annotations
 
+from functools import partial
+
 from torch.utils.data import DataLoader, Dataset
 import lightning as L
+
+from datamodules.sampling import DeferredLoader, EpochSampler, batches_done
 
 
 class FusionDataModule(L.LightningDataModule):
     """Subclasses build ``self.train_set`` / ``self.val_set`` (and optionally ``self.test_set``) in
     ``setup``; each item is a float tensor ``[k_max + 1, C, H, W]`` in [0, 1], target last.
+
+    Training batches come from an ``EpochSampler``: their order and every random draw of the
+    training data are functions of (``seed``, epoch, sample index), so a resumed run sees the same
+    batches as an uninterrupted one (``datamodules.sampling``); ``seed`` is the run's ``seed``.
 
     ``channels`` and ``image_size`` are checked against the data; ``crop`` (border pixels left out
     of reported likelihoods, e.g. 2 for MNIST padded 28 -> 32) and ``bits_per_dim`` (report in
@@ -26,6 +34,7 @@ class FusionDataModule(L.LightningDataModule):
         image_size: int = 32,
         crop: int = 0,
         bits_per_dim: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -50,6 +59,7 @@ class FusionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.k_max = k_max
+        self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -67,10 +77,15 @@ class FusionDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split; call setup() first")
-        return DataLoader(
+        sampler = None
+        if shuffle:
+            trainer = self.trainer  # None outside a Trainer: one process
+            ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = EpochSampler(dataset, batch_size, self.seed, *ranks, done=partial(batches_done, trainer))
+        return (DeferredLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

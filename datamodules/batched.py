@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.corruption import make_stack
+from datamodules.sampling import split_keys
 
 
 class BatchedDataset(Dataset):
@@ -24,7 +25,10 @@ class BatchedDataset(Dataset):
 class CorruptedImages(BatchedDataset):
     """``length`` clean images read by ``fetch(indices) -> float [B, C, H, W]`` in [0, 1]; every
     fetch flips them horizontally (p = 0.5) if ``flip`` and draws new corrupted views
-    (``make_stack`` with ``corruption``, torch's global RNG): items ``[views + 1, C, H, W]``."""
+    (``make_stack`` with ``corruption``): items ``[views + 1, C, H, W]``.
+
+    Keys from ``EpochSampler`` (``SampleKey``) draw each item's flip and views from its own
+    generator, a function of (seed, epoch, index); plain indices draw from torch's global RNG."""
 
     def __init__(self, fetch: Callable[[list[int]], torch.Tensor], length: int, views: int,
                  corruption: dict[str, Any], flip: bool = False):
@@ -37,9 +41,18 @@ class CorruptedImages(BatchedDataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+    def __getitems__(self, keys: list) -> list[torch.Tensor]:
+        indices, generators = split_keys(keys)
         clean = self.fetch(indices)
+        if generators is not None:
+            return [self._item(image, g) for image, g in zip(clean, generators)]
         if self.flip:
             flip = (torch.rand(len(clean)) < 0.5).view(-1, 1, 1, 1)
             clean = torch.where(flip, clean.flip(-1), clean)
         return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+
+    def _item(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One item from its own generator: flip draw first, then the views."""
+        if self.flip and bool(torch.rand((), generator=generator) < 0.5):
+            image = image.flip(-1)
+        return make_stack(image.unsqueeze(0), self.views, generator=generator, **self.corruption)[0]

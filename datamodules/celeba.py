@@ -1,9 +1,9 @@
 """FusionCelebA (DESIGN.md section 2): 64x64 RGB faces seen through ellipse windows.
 
 Train: clean faces from ``<lmdb_dir>/train``, a random horizontal flip and a fresh corruption per
-fetch, vectorised over the batch (torch's global RNG, so ``seed_everything(workers=True)`` makes
-it reproducible). Validation / test: the stacks stored in ``<lmdb_dir>/valid`` and ``.../test``
-(corruption drawn once from ``val_seed``). ``prepare_data`` builds missing LMDBs
+fetch, drawn per item from (seed, epoch, index) (``datamodules.sampling``), so runs and resumed
+runs are reproducible. Validation / test: the stacks stored in ``<lmdb_dir>/valid`` and
+``.../test`` (corruption drawn once from ``val_seed``). ``prepare_data`` builds missing LMDBs
 (``datamodules.make_celeba``).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from datamodules.batched import CorruptedImages
 from datamodules.base import FusionDataModule
 from datamodules.corruption import check_corruption
-from datamodules.lmdb_store import LMDBReader, StoredStacks, to_tensor
+from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps, to_tensor
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
 
@@ -64,7 +64,9 @@ class FusionCelebADataModule(FusionDataModule):
         self._readers: list[LMDBReader] = []
 
     def prepare_data(self) -> None:
-        """Build the missing LMDBs (rank zero only; idempotent, atomic)."""
+        """Build the missing LMDBs (rank zero only; idempotent, atomic), after deleting unfinished
+        ones left by killed runs."""
+        remove_stale_temps(self.lmdb_dir)
         build_celeba(self.data_dir, self.lmdb_dir, self.spec, self.workers)
 
     def _reader(self, split: str) -> LMDBReader:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -37,14 +37,15 @@ import torch
 from PIL import Image
 
 from datamodules.batched import BatchedDataset
+from datamodules.parallel import default_workers, parallel_map  # noqa: F401 (re-exported)
+from datamodules.tempfiles import owner_tag, remove_stale
 
 META_KEY = b"__meta__"
-TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs
+TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs: .<name>.tmp-<pid>-<host>-<hex>
 _COMMIT_EVERY = 512  # records per write transaction
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's "L" conversion
 
-T = TypeVar("T")
-R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 class LMDBMetadataError(ValueError):
@@ -299,7 +300,7 @@ def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any])
     if (path / "data.mdb").exists():
         raise FileExistsError(f"{path} already holds an LMDB; delete it to regenerate it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}{TEMP_MARK}{owner_tag()}"
     tmp.mkdir()
     count = int(meta["count"])
     per_record = int(np.prod(meta["shape"])) * 11 // 10 + 8192  # PNG worst case + page overhead
@@ -354,6 +355,7 @@ def ensure_lmdb(
     An existing LMDB must match ``expected`` (else LMDBMetadataError naming the field and ``hint``);
     a new one gets ``expected`` plus ``extra`` (informational, not checked) as metadata.
     """
+    remove_stale_temps(_resolve(path).parent)
     if is_complete(path):
         check_meta(read_meta(path), expected, _resolve(path), hint)
         return False
@@ -361,45 +363,10 @@ def ensure_lmdb(
     return True
 
 
-# ----------------------------------------------------------------------------- parallel generation
-
-
-def default_workers() -> int:
-    """CPU cores available to this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # one process per core already
-
-
-def parallel_map(
-    fn: Callable[[T], R],
-    items: Sequence[T],
-    workers: int | None = None,
-    desc: str = "",
-    chunksize: int = 16,
-    progress: bool = True,
-) -> Iterator[R]:
-    """``fn`` over ``items`` in order, on ``workers`` processes (None: all cores, 0/1: in-process),
-    with a rich progress bar. ``fn`` must be picklable (module-level function or partial)."""
-    from multiprocessing import get_context
-
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    n = min(default_workers() if workers is None else workers, len(items))
-    pool = get_context().Pool(n, initializer=_init_worker) if n > 1 else None  # before the bar's thread starts
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    try:
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task(desc, total=len(items))
-            results = pool.imap(fn, items, chunksize) if pool is not None else map(fn, items)
-            for result in results:
-                bar.advance(task)
-                yield result
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete unfinished LMDB dirs in ``directory`` left by killed writers on this host (their
+    pid is gone); writers still running, here or on other hosts, are left alone."""
+    removed = remove_stale(directory, TEMP_MARK)
+    for path in removed:
+        log.warning("removed %s: an unfinished LMDB of an interrupted run", path)
+    return removed

@@ -1,8 +1,9 @@
 """FusionMNIST (DESIGN.md section 2): MNIST zero-padded 28 -> 32, 1 channel, ellipse-window views.
 
-Train: the 60k training digits with a fresh corruption on every fetch (torch's global RNG, so
-``seed_everything(workers=True)`` makes it reproducible). Validation / test: the 10k t10k digits
-with one fixed corruption drawn from ``val_seed`` in ``setup`` and stored as uint8.
+Train: the 60k training digits with a fresh corruption on every fetch, drawn per item from
+(seed, epoch, index) (``datamodules.sampling``), so runs and resumed runs are reproducible.
+Validation / test: the 10k t10k digits with one fixed corruption drawn from ``val_seed`` in
+``setup`` and stored as uint8.
 """
 from __future__ import annotations
 

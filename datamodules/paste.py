@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -109,14 +110,22 @@ def compose_views(
     bank: torch.Tensor,
     views: int,
     params: PasteParams,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``views`` occluded copies of each target ``[B, C, S, S]``: ``[B, views, C, S, S]`` on the
-    8-bit grid, plus the coverage ``[B, views, 1, S, S]``. ``bank``: uint8 ``[P, C + 1, s, s]``."""
+    8-bit grid, plus the coverage ``[B, views, 1, S, S]``. ``bank``: uint8 ``[P, C + 1, s, s]``.
+    ``generator``: one for the whole batch, or one per target (each target's placements come from
+    its own generator; the pasting stays one batched call), or None for torch's global RNG."""
     b, c, s, _ = targets.shape
     if bank.shape[1] != c + 1:
         raise ValueError(f"occluder bank has {bank.shape[1] - 1} colour channels, targets have {c}")
-    placements = draw_placements(b * views, len(bank), s, params, generator)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for {b} targets; give one per target")
+        parts = [draw_placements(views, len(bank), s, params, g) for g in generator]
+        placements = Placements(*(torch.cat([getattr(p, f) for p in parts]) for f in ("index", "valid", "theta")))
+    else:
+        placements = draw_placements(b * views, len(bank), s, params, generator)
     background = targets.repeat_interleave(views, dim=0)  # [B * views, C, S, S], view-minor
     out, coverage = paste(background, bank, placements)
     return quantize(out).view(b, views, c, s, s), coverage.view(b, views, 1, s, s)

@@ -1,10 +1,11 @@
 """FusionT-LESS (DESIGN.md section 2): 64x64 views of T-LESS objects occluded by pasted objects.
 
 Train: an object image from ``<lmdb_dir>/objects_train`` area-resized to ``image_size`` is the
-target; each of the k_max views pastes fresh occluders (``datamodules.paste``, torch's global RNG,
-vectorised over the batch). The occluder pool is decoded into memory once in ``setup`` (before
-the DataLoader workers start, so forked workers share it). Validation / test: the fixed stacks of
-``<lmdb_dir>/val``. ``prepare_data`` builds missing LMDBs (``datamodules.make_tless``).
+target; each of the k_max views pastes fresh occluders (``datamodules.paste``, vectorised over
+the batch, drawn per item from (seed, epoch, index): ``datamodules.sampling``). The occluder pool
+is decoded into memory once in ``setup`` (before the DataLoader workers start, so forked workers
+share it). Validation / test: the fixed stacks of ``<lmdb_dir>/val``. ``prepare_data`` builds
+missing LMDBs (``datamodules.make_tless``).
 ``channels: 1`` converts everything to grey (BT.601 luminance).
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
-from datamodules.lmdb_store import LMDBReader, StoredStacks
+from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps
 from datamodules.make_tless import OCCLUDER_IDS, OBJECT_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
+from datamodules.sampling import split_keys
 
 
 class OccludedObjects(BatchedDataset):
@@ -35,11 +37,14 @@ class OccludedObjects(BatchedDataset):
     def __len__(self) -> int:
         return len(self.objects)
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        # Called by the DataLoader with a whole batch: one read, one paste of all occluders.
+    def __getitems__(self, keys: list) -> list[torch.Tensor]:
+        # Called by the DataLoader with a whole batch: one read, one paste of all occluders. Keys
+        # from EpochSampler draw each item's placements from its own generator (seed, epoch,
+        # index); plain indices use torch's global RNG.
+        indices, generators = split_keys(keys)
         channels = self.bank.shape[1] - 1
         target = object_targets(self.objects.get_many(indices)[:, 0], self.image_size, channels)
-        views, _ = compose_views(target, self.bank, self.views, self.paste)
+        views, _ = compose_views(target, self.bank, self.views, self.paste, generators)
         return list(torch.cat([views, target.unsqueeze(1)], dim=1).unbind(0))
 
 
@@ -95,7 +100,9 @@ class FusionTLessDataModule(FusionDataModule):
         self._readers: list[LMDBReader] = []
 
     def prepare_data(self) -> None:
-        """Build the missing LMDBs (rank zero only; idempotent, atomic)."""
+        """Build the missing LMDBs (rank zero only; idempotent, atomic), after deleting unfinished
+        ones left by killed runs."""
+        remove_stale_temps(self.lmdb_dir)
         build_pools(self.bop_root, self.lmdb_dir, self.pools, self.workers)
         build_val(self.lmdb_dir, self.pools, self.val_spec, self.workers)
 

@@ -30,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from .bn_readjust import readjust_bn
+from .errors import BadInputError
 from .instantiate import build, finish
 from .lit_module import FusionVAEModule
 from .metrics import log_mean_exp, sample_metrics
 from .report import describe_model, write_report
+from .resume import check_dataset, read_checkpoint, resolve_ckpt_path
 
 DECODE_MODES = ("mean", "sample")
 
@@ -224,17 +226,28 @@ def _log_grids(trainer: L.Trainer, paths: list[Path]) -> None:
 
 # ---- entry point --------------------------------------------------------------------------------
 def load_model(ckpt_path: str) -> FusionVAEModule:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<run dir>/checkpoints/last.ckpt)")
-    return FusionVAEModule.load_from_checkpoint(path, map_location="cpu")
+    """The module of a checkpoint; one-line ``FusionVAEError`` if it is missing or damaged."""
+    read_checkpoint(ckpt_path)  # cheap (memory-mapped): clear errors before Lightning's loader
+    return FusionVAEModule.load_from_checkpoint(Path(ckpt_path), map_location="cpu")
+
+
+def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
+    """``cfg.ckpt_path`` (``last``: the newest training run's last.ckpt) and its module, checked
+    against the dataset config before any data is prepared."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise BadInputError("evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
+                            "(or ckpt_path=last for the newest training run)")
+    path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
+    model = load_model(str(path))
+    check_dataset(model.hparams, cfg.dataset, path)
+    return path, model
 
 
 def run_evaluation(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` per K; write metrics.{json,csv,md}, metrics_vs_k.png and grids to
     ``cfg.paths.output_dir``; return the ``test/...`` metrics."""
     settings = EvalSettings.from_cfg(cfg.get("eval"))
-    model = load_model(cfg.ckpt_path)
+    ckpt_path, model = checkpoint_to_evaluate(cfg)
     datamodule, _, trainer = build(cfg)
     evaluator = Evaluator(model, settings)
     out_dir = Path(cfg.paths.output_dir)
@@ -245,9 +258,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
         seconds = time.time() - start
         if trainer.is_global_zero:
             info = {
-                "ckpt_path": str(cfg.ckpt_path),
+                "ckpt_path": str(ckpt_path),
                 "units": "bits/dim" if model.hparams.bits_per_dim else "nats",
-                "model": describe_model(model.hparams, cfg.ckpt_path),
+                "model": describe_model(model.hparams, str(ckpt_path)),
                 "eval": {**asdict(settings), "temperatures": list(settings.temperatures)},
                 "test_batches": trainer.num_test_batches[0] if trainer.num_test_batches else None,
                 "seconds": round(seconds, 1),

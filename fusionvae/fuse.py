@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from .errors import BadInputError, FusionVAEError
 from .evaluation import draw_samples, load_model
 from .lit_module import FusionVAEModule
 from .network import FusionVAE
@@ -50,9 +51,13 @@ def load_image(path: str | Path, channels: int, image_size: int, crop: int = 0, 
         raise FileNotFoundError(f"image not found: {path}")
     if channels not in (1, 3):
         raise ValueError(f"the model has {channels} channels; only 1 (grey) and 3 (RGB) are supported")
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, channels)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, channels)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated or broken files
+        raise BadInputError(f"{path} is not an image file that can be read ({exc.__class__.__name__}); "
+                            f"pass PNG or JPEG views") from None
     x = x.permute(2, 0, 1).float() / 255.0
     h, w = x.shape[1:]
     if (h, w) == (image_size, image_size):
@@ -77,6 +82,18 @@ def load_views(paths: Sequence[str | Path], module: FusionVAEModule, resize: boo
     return torch.stack(images) if images else torch.zeros(0, channels, size, size)
 
 
+def check_views(module: FusionVAEModule, views: torch.Tensor) -> None:
+    """Refuse views the model cannot take: their count, size and channels, and non-image values."""
+    hp = module.hparams
+    shape = (hp.get("channels", NET_DEFAULTS["channels"]), *(2 * [hp.get("image_size", NET_DEFAULTS["image_size"])]))
+    if views.shape[0] > hp.k_max or tuple(views.shape[1:]) != shape:
+        raise BadInputError(f"views are {tuple(views.shape)} but the model takes [K <= {hp.k_max}, {shape[0]}, "
+                            f"{shape[1]}, {shape[2]}] (K, C, H, W); load files with load_views() to convert them")
+    if not views.is_floating_point() or (views.numel() and not (torch.isfinite(views).all() and
+                                                                 0 <= views.min() and views.max() <= 1)):
+        raise BadInputError(f"views must be float images in [0, 1] (got {views.dtype}); divide 8-bit images by 255")
+
+
 @torch.no_grad()
 def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, temperature: float = 1.0,
          decode: str = "sample") -> FusionResult:
@@ -87,6 +104,7 @@ def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, tem
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if views.dim() != 4:
         raise ValueError(f"views must be [K, C, H, W], got {tuple(views.shape)}")
+    check_views(module, views)
     module.eval()
     device = next(module.parameters()).device
     x = views.to(device, torch.float32).unsqueeze(0)
@@ -131,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         fuse_files(args.ckpt, args.images, args.out, args.samples, args.temperature, args.resize, args.device,
                    args.seed, args.decode, args.nrow)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, FusionVAEError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {args.out}")
     return Path(args.out)

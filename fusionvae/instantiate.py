@@ -7,18 +7,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 
-def build_list(cfg: DictConfig | None) -> list:
-    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+def build_list(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); a W&B logger
+    continues run ``wandb_id`` when given (a resumed training run)."""
     if not cfg:
         return []
-    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    nodes = [node for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [instantiate(node, id=wandb_id, resume="allow") if wandb_id and str(node._target_).endswith("WandbLogger")
+            else instantiate(node) for node in nodes]
 
 
-def build(cfg: DictConfig):
+def build(cfg: DictConfig, wandb_id: str | None = None):
+    """Datamodule (training order and randomness from ``cfg.seed``), model and trainer."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate(cfg.dataset, seed=cfg.seed)
     model = instantiate(cfg.model) if "model" in cfg else None
-    loggers = build_list(cfg.get("logger"))
+    loggers = build_list(cfg.get("logger"), wandb_id)
     callbacks = build_list(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer

@@ -5,14 +5,18 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
+from datamodules.sampling import mix
+
+from .errors import TooManySkippedSteps
 from .losses import balanced_kl, kl_balance_alpha, kl_warmup, warmup_cosine
 from .network import FusionOutput, FusionVAE
 from .regularizers import SpectralPenalty, batchnorm_penalty
 
 DEFAULT_OPTIM = dict(lr=1e-2, lr_min=1e-4, eps=1e-3, weight_decay=3e-4, warmup_epochs=5)
 DEFAULT_LOSS = dict(kl_warmup_portion=0.3, kl_min_beta=1e-4, kl_balance=True, weight_decay_norm=1e-2,
-                    power_iter_init=10, power_iter=1)
+                    power_iter_init=10, power_iter=1, max_consecutive_skips=50)
 
 
 class FusionVAEModule(L.LightningModule):
@@ -43,6 +47,7 @@ class FusionVAEModule(L.LightningModule):
         self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
+        self.consecutive_skips = 0  # saved in checkpoints by on_save_checkpoint
         self.automatic_optimization = False
 
     # ---- data helpers -------------------------------------------------------------------------
@@ -87,29 +92,27 @@ class FusionVAEModule(L.LightningModule):
             return self.spectral() + batchnorm_penalty(self.net)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """One batch. Its randomness (K, posterior noise) is a function of (seed, batch count,
+        rank), so a resumed run repeats it. A step with a non-finite loss or gradient is skipped
+        (see ``_optimise``)."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         k = self.draw_k()
+        torch.manual_seed(mix(self.hparams.seed, int(self.train_batches), self.global_rank))
         self.train_batches += 1
+        state = self._state_buffers()
+        saved = [b.clone() for b in state]  # BN statistics, power-iteration vectors: restored if skipped
         recon, kl, target = self.nelbo(batch, k)
         beta = kl_warmup(self.global_step, self.trainer.estimated_stepping_batches,
                          self.loss_cfg["kl_warmup_portion"], self.loss_cfg["kl_min_beta"])
         kl_weighted, _ = balanced_kl(kl, self.kl_alpha, beta, self.loss_cfg["kl_balance"])
         reg = self.regulariser()
         loss = (recon + kl_weighted).mean() + self.loss_cfg["weight_decay_norm"] * reg
-
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        grad_norm = torch.tensor(float("nan"))
-        if finite:
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-            finite = bool(torch.isfinite(grad_norm))  # grads are already all-reduced under DDP
-            if finite or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-                opt.step()  # a GradScaler skips non-finite steps itself and lowers its scale
-        if not finite:
-            self.skipped_steps += 1
-        sched.step()
+        grad_norm = self._optimise(loss, opt, sched)
+        if grad_norm is None:
+            self._skip(state, saved, opt)
+            grad_norm = torch.tensor(float("nan"))
+        else:
+            self.consecutive_skips = 0
 
         nelbo = self.to_units(recon + kl.sum(1), target).mean()
         self.log_dict({
@@ -118,6 +121,58 @@ class FusionVAEModule(L.LightningModule):
             "train/grad_norm": grad_norm, "train/k": float(k), "train/skipped_steps": self.skipped_steps.float(),
         }, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.shape[0])
         self.log("nelbo", nelbo.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+    def _all_ranks(self, ok: torch.Tensor) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True)
+
+    def _optimise(self, loss: torch.Tensor, opt, sched) -> torch.Tensor | None:
+        """Backward and step; the gradient norm, or None when the step is skipped.
+
+        Skipped: the loss or the gradient norm is non-finite on any rank. Then neither the
+        optimiser nor the LR scheduler steps, so ``global_step`` (optimiser steps), the LR
+        schedule and the KL warm-up (a function of ``global_step``) all count successful steps
+        only. With a GradScaler (fp16) a non-finite gradient lowers the loss scale instead."""
+        if not self._all_ranks(torch.isfinite(loss)):
+            return None
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not self._all_ranks(torch.isfinite(grad_norm)):
+            if scaler is not None:  # records the inf, then backs the scale off (no step)
+                scaler.unscale_(opt.optimizer)
+                scaler.update()
+            return None
+        opt.step()
+        sched.step()
+        return grad_norm / scaler.get_scale() if scaler is not None else grad_norm
+
+    def _state_buffers(self) -> list[torch.Tensor]:
+        """Every buffer a forward pass may change (BN running stats and counts, power-iteration
+        u / v); not the skip / batch counters."""
+        return [b for name, b in self.named_buffers() if name not in ("skipped_steps", "train_batches")]
+
+    def _skip(self, state: list[torch.Tensor], saved: list[torch.Tensor], opt) -> None:
+        """Undo what the skipped forward pass changed; stop after too many skips in a row."""
+        torch._foreach_copy_(state, saved)
+        opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = self.loss_cfg["max_consecutive_skips"]
+        if limit is not None and self.consecutive_skips > limit:
+            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or "the checkpoints folder"
+            raise TooManySkippedSteps(
+                f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradients "
+                f"(limit model.loss.max_consecutive_skips={limit}) at step {self.global_step}; the checkpoints "
+                f"in {folder} are from before them: lower model.optim.lr or check the data, then resume")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        wandb_ids = [lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)]
+        checkpoint["fusionvae"] = {"consecutive_skips": int(self.consecutive_skips),
+                                   "wandb_id": str(wandb_ids[0]) if wandb_ids and wandb_ids[0] else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _eval_step(self, batch: torch.Tensor, prefix: str) -> None:

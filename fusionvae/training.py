@@ -1,16 +1,40 @@
 """The training job behind train.py."""
 from __future__ import annotations
 
+import signal
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from .errors import Preempted
 from .instantiate import build, finish
+from .resume import check_dataset, check_model, read_checkpoint, resolve_ckpt_path
+
+
+def resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """The checkpoint to resume (``ckpt_path``; ``last`` = the newest run's last.ckpt) and its W&B
+    run id, checked against the config before any data is prepared."""
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if path is None:
+        return None, None
+    ckpt = read_checkpoint(path)
+    check_dataset(ckpt["hyper_parameters"], cfg.dataset, path)
+    if "model" in cfg:
+        check_model(ckpt["hyper_parameters"], cfg.model, path)
+    return str(path), (ckpt.get("fusionvae") or {}).get("wandb_id")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit (resuming from ``cfg.ckpt_path`` if set), optionally test; returns the final metrics."""
-    datamodule, model, trainer = build(cfg)
+    """Fit (resuming from ``cfg.ckpt_path`` if set), optionally test; returns the final metrics.
+
+    Raises ``Preempted`` after SIGTERM / SIGUSR1 (checkpoint saved by ``RunGuard``)."""
+    ckpt_path, wandb_id = resume_from(cfg)
+    datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning's own handler stopped the run (before RunGuard's took over)
+            raise Preempted(signal.SIGTERM, trainer.global_step, None) from None
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path="best")
         return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,62 @@
+"""Errors a user can fix, reported by the entry points as one line (no traceback).
+
+``train.py``, ``evaluate.py`` and ``python -m fusionvae.fuse`` catch ``FusionVAEError`` and print
+``error: <message>``; set ``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also
+derive from the built-in type a caller would expect (FileNotFoundError, ValueError, ...).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+
+class FusionVAEError(Exception):
+    """A problem the user can fix; ``exit_code`` is the process exit status at the entry points."""
+
+    exit_code = 1
+
+
+class CheckpointNotFoundError(FusionVAEError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointError(FusionVAEError, ValueError):
+    """The checkpoint is damaged, not a FusionVAE checkpoint, or does not match the config."""
+
+
+class BadInputError(FusionVAEError, ValueError):
+    """An input (image file, tensor, config value) is not what the command needs."""
+
+
+class TooManySkippedSteps(FusionVAEError, FloatingPointError):
+    """Too many consecutive training steps had a non-finite loss or gradients."""
+
+
+class Preempted(FusionVAEError):
+    """SIGTERM / SIGUSR1 arrived: the checkpoint was saved and the run stops with 128 + signal."""
+
+    def __init__(self, signum: int, step: int, path: str | None):
+        self.signum, self.step, self.path = int(signum), step, path
+        self.exit_code = 128 + int(signum)
+        saved = (f"checkpoint saved to {path} (resume with ckpt_path={path} or ckpt_path=last)" if path else
+                 "no checkpoint written at this step (resume from the run's last.ckpt)")
+        super().__init__(f"stopped by signal {int(signum)} at step {step}; {saved}")
+
+
+@contextmanager
+def reported(prefix: str = "error"):
+    """Turn a ``FusionVAEError`` into one line on stderr and ``sys.exit(exit_code)``.
+
+    With ``HYDRA_FULL_ERROR=1`` errors propagate with their traceback; a preemption always
+    exits with its code (it is not a failure of the code)."""
+    try:
+        yield
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except FusionVAEError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

@@ -1,0 +1,128 @@
+"""Checkpoints to resume or evaluate: found (``ckpt_path=last``), read and checked up front.
+
+Every check here runs before any data is prepared and fails with one line naming the problem
+and the fix (``fusionvae.errors``).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import CheckpointError, CheckpointNotFoundError
+from .network import FusionVAE
+
+LAST = "last"  # ckpt_path=last: the newest <log_dir>/<task_name>/runs/*/checkpoints/last.ckpt
+NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
+# model keys that may change on resume: they do not change the weights' shapes or meaning
+_NOT_ARCHITECTURE = {"_target_", "_convert_", "optim", "loss", "seed", "channels_last"}
+
+
+def resolve_ckpt_path(value: Any, log_dir: str | Path, task_name: str) -> Path | None:
+    """``value`` as a path; ``last`` -> the most recently written ``last.ckpt`` of
+    ``<log_dir>/<task_name>/runs/*/checkpoints``; None / "" -> None."""
+    if value is None or str(value) in ("", "null", "None"):
+        return None
+    if str(value) != LAST:
+        return Path(str(value)).expanduser().absolute()
+    runs = Path(str(log_dir)).expanduser().absolute() / task_name / "runs"
+    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointNotFoundError(f"ckpt_path=last: there is no {runs}/*/checkpoints/last.ckpt yet; "
+                                      f"give the checkpoint path (paths.log_dir / task_name select the folder)")
+    return found[-1]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict (tensors memory-mapped, not read); one-line errors if missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<run dir>/checkpoints/last.ckpt, "
+                                      f"or ckpt_path=last for the newest run)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated zip, junk bytes, foreign pickles: many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}): it is damaged or not a PyTorch "
+                              f"checkpoint; use another one (e.g. an epoch*.ckpt beside it)") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a FusionVAE training checkpoint (no state_dict / hyper_parameters)")
+    return ckpt
+
+
+def _image_spec(channels: Any, size: Any, k_max: Any) -> str:
+    return f"{channels}x{size}x{size} images (CxHxW) with k_max={k_max}"
+
+
+def check_dataset(hparams: Any, dataset: DictConfig, path: str | Path) -> None:
+    """Refuse a checkpoint whose model does not fit the dataset config (channels, size, k_max)."""
+    model = (hparams.get("channels", NET_DEFAULTS["channels"]), hparams.get("image_size", NET_DEFAULTS["image_size"]),
+             hparams.get("k_max", 3))
+    data = (dataset.get("channels"), dataset.get("image_size"), dataset.get("k_max"))
+    if any(d is not None and d != m for m, d in zip(model, data)):
+        name = str(dataset.get("_target_", "the dataset")).rsplit(".", 1)[-1]
+        raise CheckpointError(f"checkpoint {path} is a model for {_image_spec(*model)}, but the dataset config "
+                              f"({name}) gives {_image_spec(*data)}: pick the dataset it was trained on "
+                              f"(dataset=..., dataset.k_max=...) or a checkpoint for this dataset")
+
+
+def check_model(hparams: Any, model: DictConfig, path: str | Path) -> None:
+    """Refuse to resume into a different architecture (the weights would not fit)."""
+    wanted = OmegaConf.to_container(model, resolve=True)
+    diffs = [f"model.{k}: checkpoint {hparams[k]!r}, config {v!r}" for k, v in wanted.items()
+             if k not in _NOT_ARCHITECTURE and k in hparams and hparams[k] != v]
+    if diffs:
+        run = run_dir_of(Path(path))
+        where = f" (see {run}/.hydra/overrides.yaml)" if run else ""
+        raise CheckpointError(f"checkpoint {path} has another model than the config ({'; '.join(diffs)}): "
+                              f"resume with the overrides of the original run{where}")
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The Hydra run folder holding ``<run>/checkpoints/<ckpt>``, if it is one."""
+    run = ckpt.absolute().parent.parent
+    return run if ckpt.absolute().parent.name == "checkpoints" and (run / ".hydra").is_dir() else None
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _compose_log_dir(overrides: list[str], config_dir: Path) -> tuple[str, str]:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=[o for o in overrides if not o.lstrip("+").startswith("hydra.")])
+        return str(cfg.paths.log_dir), str(cfg.task_name)
+
+
+def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
+    """``train.py`` arguments that resume in the checkpoint's own run folder: with ``ckpt_path=<run>/
+    checkpoints/x.ckpt`` (or ``last``) add ``hydra.run.dir=<run>`` and keep that run's Hydra files
+    (this run's go to ``<run>/.hydra/resume_<time>``). Unchanged for sweeps, an explicit
+    ``hydra.run.dir``, or a checkpoint outside a run folder."""
+    args = list(argv[1:])
+    if any(a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-c", "--cfg") or
+           a.startswith("hydra.run.dir=") for a in args):
+        return list(argv)
+    where = [i for i, a in enumerate(args) if a.lstrip("+").startswith("ckpt_path=")]
+    if not where:
+        return list(argv)
+    value = args[where[-1]].split("=", 1)[1].strip("'\"")
+    try:
+        if value == LAST:
+            ckpt = resolve_ckpt_path(LAST, *_compose_log_dir(args, config_dir))
+        else:
+            ckpt = resolve_ckpt_path(value, ".", "")
+    except Exception:  # nothing to resume or a bad override: train() reports it in one line
+        return list(argv)
+    run = run_dir_of(ckpt) if ckpt is not None else None
+    if run is None:
+        return list(argv)
+    args[where[-1]] = f"ckpt_path={_quote(str(ckpt))}"
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [argv[0], *args, f"hydra.run.dir={_quote(str(run))}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
