@@ -110,7 +110,7 @@ def test_no_runs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no metrics.json"):
         collect_results.main([str(tmp_path / "empty"), "--out", str(tmp_path / "c")])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no such run directory: .*missing"):
         collect_results.main([str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
 
 

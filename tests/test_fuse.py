@@ -65,7 +65,7 @@ def test_image_loading_converts_pads_resizes_and_validates(tmp_path):
     with pytest.raises(ValueError, match=r"40x40 but the model expects 32x32 .*--resize"):
         load_image(odd, channels=1, image_size=32, crop=2)
     assert load_image(odd, channels=1, image_size=32, resize=True).shape == (1, 32, 32)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"image not found: .*missing\.png"):
         load_image(tmp_path / "missing.png", 1, 32)
 
 
@@ -86,7 +86,7 @@ def test_cli(ckpt, tmp_path):
     out = tmp_path / "cli" / "grid.png"
     assert main(["--ckpt", str(ckpt), "--out", str(out), "--samples", "3", "--temperature", "0.6", *images]) == out
     assert grid_size(out) == ((2 + 1 + 3) * CELL + 2, CELL + 2)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match=r"^2$") as exit_info:
         main(["--ckpt", str(ckpt), "--out", str(out), str(write_png(tmp_path / "big.png", 40))])
     assert exit_info.value.code == 2
 

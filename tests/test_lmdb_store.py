@@ -50,7 +50,7 @@ def rgb_lmdb(tmp_path: Path) -> tuple[Path, np.ndarray, dict]:
 def test_png_tile_roundtrip(channels: int) -> None:
     stack = _stacks(1, (3, 5, 7, channels))[0]
     assert np.array_equal(decode_stack(encode_stack(stack), stack.shape), stack)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"decoded uint8 tile .* expected uint8"):
         decode_stack(encode_stack(stack), (3, 5, 7, 4 if channels != 4 else 3))
 
 
@@ -68,7 +68,7 @@ def test_write_read_keys_and_meta(rgb_lmdb) -> None:
     env.close()
     assert keys == [record_key(i) for i in range(10)] + [META_KEY] and record_key(3) == b"00000003"
     assert sorted(os.listdir(path.parent)) == ["rgb"]  # no temp dir left behind
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"index 10 out of range \[0, 10\)"):
         reader.get(10)
 
 
@@ -140,7 +140,7 @@ def test_missing_lmdb_and_existing_target(tmp_path: Path, rgb_lmdb) -> None:
     with pytest.raises(FileNotFoundError, match="LMDB not found"):
         LMDBReader(tmp_path / "nothing")
     path, images, meta = rgb_lmdb
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already holds an LMDB; delete it to regenerate it"):
         write_lmdb(path, (encode_stack(s) for s in images), meta)
 
 

@@ -159,7 +159,7 @@ def test_setup_is_idempotent(dm: FusionMNISTDataModule) -> None:
 def test_missing_data_dir_names_path_and_env_var(tmp_path: Path) -> None:
     missing = make_dm(tmp_path / "nowhere")
     for call in (missing.prepare_data, lambda: missing.setup("fit")):
-        with pytest.raises(FileNotFoundError) as info:
+        with pytest.raises(FileNotFoundError, match="MNIST file not found") as info:
             call()
         message = str(info.value)
         assert str(tmp_path / "nowhere" / "MNIST" / "raw" / "train-images-idx3-ubyte") in message
