@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .aggregation import aggregate_features, check_aggregation
 from .cells import decoder_cell, encoder_cell
-from .distributions import LIKELIHOODS
+from .distributions import LIKELIHOODS, Likelihood
 from .latent_group import LatentGroup, legacy_key_map
 from .layers import conv
 
@@ -37,7 +37,7 @@ def groups_per_scale(num_scales: int, num_groups: int, ada_groups: bool, min_gro
 
 @dataclass
 class FusionOutput:
-    likelihood: object  # DiscMixLogistic | Bernoulli over the (uncropped) image
+    likelihood: Likelihood  # over the (uncropped) image
     kl: torch.Tensor  # [B, L] analytic KL(q || p) per group (zeros when sampling or deterministic)
     log_q: torch.Tensor  # [B] log q(z | x, y) of the drawn z
     log_p: torch.Tensor  # [B] log p(z | x) of the drawn z
