@@ -53,13 +53,14 @@ class LatentGroup(nn.Module):
         return Normal(prior.mu + soft_clamp(d_mu), prior.sigma * soft_clamp(d_log_sigma).exp())
 
     def forward(self, s: torch.Tensor, slot_feats: torch.Tensor | None, k: int, draw: str, t: float,
-                stats) -> torch.Tensor:
+                stats, run_cells=lambda cells, x: cells(x)) -> torch.Tensor:
         """The next decoder state; adds this group's KL, log q(z) and log p(z) to ``stats``.
 
         ``slot_feats [n, slots, ch, h, w]`` holds the K views, then the target when ``draw`` is
-        "posterior"; None when there are no slots.
+        "posterior"; None when there are no slots. ``run_cells(cells, s)`` runs the decoder cells
+        (the network passes its activation-checkpointing runner).
         """
-        s = self.cells(s)
+        s = run_cells(self.cells, s)
         params = None if slot_feats is None else self.slot_params(s, slot_feats)
         prior = self.prior(s, None if params is None else params[:, :k])
         no_kl = stats.log_q.new_zeros(s.shape[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import checkpointing
 from .aggregation import aggregate_features, check_aggregation
 from .cells import decoder_cell, encoder_cell
 from .distributions import LIKELIHOODS, Likelihood
@@ -70,6 +71,7 @@ class FusionVAE(nn.Module):
         likelihood: str = "logistic_mixture",
         num_mix: int = 10,
         channels_last: bool = True,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         _validate(image_size, skip, likelihood, num_preprocess_blocks, num_postprocess_blocks, num_latent_scales,
@@ -79,6 +81,7 @@ class FusionVAE(nn.Module):
         self.aggregation = check_aggregation(aggregation)
         self.channels, self.skip, self.res_dist, self.stochastic = channels, skip, res_dist, stochastic
         self.z_ch = num_latent_per_group
+        self.activation_checkpointing = activation_checkpointing  # recompute cell activations in backward
         self.likelihood_cls, self.num_mix = LIKELIHOODS[likelihood], num_mix
         self.groups = groups_per_scale(num_latent_scales, num_groups_per_scale, ada_groups, min_groups_per_scale)
         self.groups_decoder_order = self.groups[::-1]
@@ -144,16 +147,21 @@ class FusionVAE(nn.Module):
     def num_groups(self) -> int:
         return len(self.latent_groups)
 
+    def _cell(self, cell: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpointing.run(cell, x, self.activation_checkpointing and self.training)
+
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-group features of ``images [N, C, H, W]`` in [0, 1], in decoder order (top first)."""
-        h = self.preprocess(self.stem(2 * images.contiguous(memory_format=self.memory_format) - 1))
+        h = self.stem(2 * images.contiguous(memory_format=self.memory_format) - 1)
+        for cell in self.preprocess:
+            h = self._cell(cell, h)
         feats = []
         for scale, groups in enumerate(self.enc_groups):
             for group in groups:
-                h = group(h)
+                h = self._cell(group, h)
                 feats.append(h)
             if scale < len(self.enc_down):
-                h = self.enc_down[scale](h)
+                h = self._cell(self.enc_down[scale], h)
         feats[-1] = self.enc0(h)
         return feats[::-1]
 
@@ -180,10 +188,12 @@ class FusionVAE(nn.Module):
         draw = "mean" if not self.stochastic else "posterior" if target is not None else "prior"
         for group, feat in zip(self.latent_groups, feats):
             slot_feats = None if feat is None else feat.view(b, slots, *feat.shape[1:]).repeat_interleave(repeats, 0)
-            s = group(s, slot_feats, k, draw, t, stats)
+            s = group(s, slot_feats, k, draw, t, stats, self._cell)
             if self.skip != "none" and slot_feats is not None and k > 0:
                 s = s + aggregate_features(slot_feats[:, :k], self.skip)
-        out = self.image_head(self.postprocess(s))
+        for cell in self.postprocess:
+            s = self._cell(cell, s)
+        out = self.image_head(s)
         likelihood = self.likelihood_cls(out, self.channels, self.num_mix)
         return FusionOutput(likelihood, torch.stack(stats.kl, dim=1), stats.log_q, stats.log_p)
 
