@@ -158,18 +158,19 @@ class DiscMixLogistic(Likelihood):
         return torch.round((torch.cat(xs, dim=1) + 1) * 127.5) / 255.0
 
     def mean(self) -> torch.Tensor:
-        """Mean image in [0, 1]: E[v] / 255 of the discretised mixture, exact per channel given the
-        previous channels at their means (exact for grey images; the exact coupled RGB mean would
-        need 256^C terms per pixel). Uses E[v] = sum_{v=1}^{255} P(v' >= v)."""
+        """Mean image in [0, 1]: E[v] / 255 of the discretised mixture, via E[v] = sum_{v=1}^{255}
+        P(v' >= v) per component. Exact for grey images; for RGB each component couples its
+        channels to its own expected previous channels, exact up to the edge bins' non-linearity
+        (the exact coupled mean would need 256^C terms per pixel)."""
         w = F.softmax(self.logits, dim=1)  # [B, M, H, W]
-        xs, k = [], 0
+        xs, k = [], 0  # per-component expected values in [-1, 1], [B, M, H, W] each
         for ch in range(self.c):
             mu = self.means[:, ch]
             for prev in range(ch):
-                mu = mu + self.coeffs[:, k] * (2 * xs[prev] - 1).unsqueeze(1)
+                mu = mu + self.coeffs[:, k] * xs[prev]
                 k += 1
-            xs.append((w * _expected_level(mu, self.log_scales[:, ch])).sum(dim=1) / 255)
-        return torch.stack(xs, dim=1)
+            xs.append(_expected_level(mu, self.log_scales[:, ch]) / 127.5 - 1.0)
+        return (torch.stack([(w * x).sum(dim=1) for x in xs], dim=1) + 1) / 2
 
 
 def _expected_level(mu: torch.Tensor, log_scale: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:

@@ -98,38 +98,6 @@ def test_bernoulli_normalised():
     torch.testing.assert_close(total, torch.ones(1, 3, 3))
 
 
-def _exact_mean(dist, channels: int) -> torch.Tensor:
-    """sum_v v/255 * pmf(v) per channel by enumeration (channels uncoupled or C = 1)."""
-    values = torch.arange(256, dtype=torch.float32) / 255
-    b, _, h, w = dist.logits.shape
-    out = []
-    for c in range(channels):
-        total = torch.zeros(b, h, w)
-        for v in values:
-            x = torch.zeros(b, channels, h, w)
-            x[:, c] = v
-            total += v * dist_marginal(dist, c).log_prob(x[:, c : c + 1]).exp()
-        out.append(total)
-    return torch.stack(out, 1)
-
-
-def dist_marginal(dist, c: int) -> DiscMixLogistic:
-    """The grey mixture of channel c alone (valid when the coupling coefficients are zero)."""
-    params = torch.cat([dist.logits, dist.means[:, c], dist.log_scales[:, c]], dim=1)
-    return DiscMixLogistic(params, 1, dist.m)
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_mean_is_the_exact_expectation(channels):
-    torch.manual_seed(3)
-    m = 4
-    params = torch.randn(2, DiscMixLogistic.num_params(channels, m), 3, 3) * 2
-    if channels == 3:
-        params[:, m * 7 :] = 0  # atanh(0): no channel coupling, so each channel's marginal is exact
-    dist = DiscMixLogistic(params, channels, m)
-    torch.testing.assert_close(dist.mean(), _exact_mean(dist, channels), atol=2e-5, rtol=0)
-
-
 def test_every_likelihood_implements_the_interface():
     for name, cls in LIKELIHOODS.items():
         assert issubclass(cls, Likelihood), name
