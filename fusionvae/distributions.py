@@ -1,7 +1,12 @@
-"""Distributions, always evaluated in fp32 (callers pass fp32 tensors)."""
+"""Distributions, always evaluated in fp32 (callers pass fp32 tensors).
+
+``Normal`` is the latent distribution. ``Likelihood`` is the contract of an image likelihood
+p(y | z); to add one, subclass it and register it in ``LIKELIHOODS`` (config ``model.likelihood``).
+"""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +57,34 @@ def _to_bins(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float().clamp(0, 1) * 255.0)
 
 
-class DiscMixLogistic:
+class Likelihood(ABC):
+    """p(y | z) over images with 8-bit pixels, built from the network's output ``params
+    [B, num_params(channels, num_mix), H, W]``. ``log_prob`` is in nats per pixel of a discrete
+    distribution (reports convert nats to bits/dim, which is only right for discrete pixels)."""
+
+    @abstractmethod
+    def __init__(self, params: torch.Tensor, channels: int, num_mix: int):
+        """``params`` as produced by the image head (cast to fp32 here)."""
+
+    @staticmethod
+    @abstractmethod
+    def num_params(channels: int, num_mix: int) -> int:
+        """Output channels the image head must produce."""
+
+    @abstractmethod
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W]`` log-probability of images ``x [B, C, H, W]`` in [0, 1], summed over channels."""
+
+    @abstractmethod
+    def sample(self) -> torch.Tensor:
+        """A sample image ``[B, C, H, W]`` in [0, 1]."""
+
+    @abstractmethod
+    def mean(self) -> torch.Tensor:
+        """The mean image ``[B, C, H, W]`` in [0, 1] (the "mean image" of grids and evaluation)."""
+
+
+class DiscMixLogistic(Likelihood):
     """Discretised mixture of logistics (PixelCNN++) over 256 levels, any number of channels.
 
     ``params`` is ``[B, M * (1 + 2C + C(C-1)/2), H, W]``: mixture logits, per-channel means,
@@ -126,20 +158,36 @@ class DiscMixLogistic:
         return torch.round((torch.cat(xs, dim=1) + 1) * 127.5) / 255.0
 
     def mean(self) -> torch.Tensor:
-        """Approximate mean image in [0, 1]: mixture-weighted logistic means with the coupling
-        applied to the previous channels' mean."""
+        """Mean image in [0, 1]: E[v] / 255 of the discretised mixture, via E[v] = sum_{v=1}^{255}
+        P(v' >= v) per component. Exact for grey images; for RGB each component couples its
+        channels to its own expected previous channels, exact up to the edge bins' non-linearity
+        (the exact coupled mean would need 256^C terms per pixel)."""
         w = F.softmax(self.logits, dim=1)  # [B, M, H, W]
-        xs, k = [], 0
+        xs, k = [], 0  # per-component expected values in [-1, 1], [B, M, H, W] each
         for ch in range(self.c):
             mu = self.means[:, ch]
             for prev in range(ch):
-                mu = mu + self.coeffs[:, k] * xs[prev].unsqueeze(1)
+                mu = mu + self.coeffs[:, k] * xs[prev]
                 k += 1
-            xs.append((w * mu).sum(dim=1).clamp(-1, 1))
-        return (torch.stack(xs, dim=1) + 1) / 2
+            xs.append(_expected_level(mu, self.log_scales[:, ch]) / 127.5 - 1.0)
+        return (torch.stack([(w * x).sum(dim=1) for x in xs], dim=1) + 1) / 2
 
 
-class Bernoulli:
+def _expected_level(mu: torch.Tensor, log_scale: torch.Tensor, max_elements: int = 1 << 26) -> torch.Tensor:
+    """E[v] in 0..255 of a discretised logistic with location ``mu`` (in [-1, 1] units): the sum of
+    P(v' >= v) = sigmoid((mu - b_v) / s) over the 255 bin boundaries b_v, in chunks of boundaries
+    that keep the temporary below ``max_elements`` floats."""
+    chunk = max(1, min(255, max_elements // max(1, mu.numel())))
+    inv_s = torch.exp(-log_scale).unsqueeze(-1)
+    bounds = torch.arange(1, 256, device=mu.device, dtype=mu.dtype) / 127.5 - 1.0 - 1.0 / 255.0
+    total = torch.zeros_like(mu)
+    for start in range(0, 255, chunk):
+        b = bounds[start : start + chunk]
+        total = total + torch.sigmoid((mu.unsqueeze(-1) - b) * inv_s).sum(-1)
+    return total
+
+
+class Bernoulli(Likelihood):
     """Per-pixel Bernoulli for binarised images (targets binarised at 0.5)."""
 
     def __init__(self, params: torch.Tensor, channels: int, num_mix: int = 0):

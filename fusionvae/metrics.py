@@ -1,23 +1,22 @@
-"""Evaluation maths as pure tensor functions (DESIGN.md section 3).
+"""Evaluation maths as pure tensor functions (docs/design.md §3).
 
 - ``log_mean_exp``: the importance-weighted estimate log (1/S) sum_s w_s from log-weights.
-- ``mse`` / ``psnr`` / ``ssim``: per-image image metrics ``[B]`` for images in [0, data_range].
-  ``ssim`` is a vectorised re-implementation of torchmetrics' default
-  ``structural_similarity_index_measure`` (Gaussian window 11x11, sigma 1.5, K1 = 0.01,
-  K2 = 0.03, reflection padding, mean over every pixel); tests check that they agree.
+- ``IMAGE_METRICS``: per-image metrics ``[B]`` for images in [0, data_range] (MSE; PSNR and SSIM
+  from ``torchmetrics.functional``). Add a metric here and every report shows it.
 - ``sample_metrics``: best-of-N and mean-of-N of those metrics for N samples per item.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 # lower bound on the MSE inside PSNR: identical images give 10 log10(1 / 1e-10) = 100 dB, not inf
 MSE_FLOOR = 1e-10
-IMAGE_METRICS = ("mse", "psnr", "ssim")
-HIGHER_IS_BETTER = {"mse": False, "psnr": True, "ssim": True}
+SSIM_WINDOW = 11  # torchmetrics' default Gaussian window
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -44,61 +43,39 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image peak signal-to-noise ratio in dB ``[B]``: 10 log10(range^2 / MSE), MSE floored
-    at ``MSE_FLOOR``."""
-    return 10.0 * torch.log10(data_range**2 / mse(pred, target).clamp_min(MSE_FLOOR))
-
-
-def gaussian_window(kernel_size: int = 11, sigma: float = 1.5, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Normalised 2-D Gaussian window ``[kernel_size, kernel_size]``."""
-    if kernel_size < 1 or kernel_size % 2 == 0 or sigma <= 0:
-        raise ValueError(f"need an odd kernel_size >= 1 and sigma > 0, got {kernel_size}, {sigma}")
-    x = torch.arange(kernel_size, dtype=dtype, device=device) - (kernel_size - 1) / 2
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    data_range: float = 1.0,
-    kernel_size: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
-    """Per-image structural similarity ``[B]`` (mean SSIM map over channels and pixels).
-
-    Local statistics come from a Gaussian window on the reflection-padded images (as torchmetrics);
-    images must be larger than ``kernel_size // 2`` pixels on each side.
-    """
+    """Per-image peak signal-to-noise ratio in dB ``[B]`` (torchmetrics), at most
+    10 log10(range^2 / ``MSE_FLOOR``) so identical images give 100 dB, not inf."""
     _check(pred, target)
-    pred, target = pred.float(), target.float()
-    c = pred.shape[1]
-    pad = kernel_size // 2
-    if min(pred.shape[-2:]) <= pad:
-        raise ValueError(f"SSIM with a {kernel_size}px window needs images larger than {pad}px, got {tuple(pred.shape[-2:])}")
-    window = gaussian_window(kernel_size, sigma, pred.dtype, pred.device).expand(c, 1, -1, -1)
-    x = F.pad(torch.cat([pred, target]), (pad, pad, pad, pad), mode="reflect")
-    y = x[pred.shape[0] :]
-    x = x[: pred.shape[0]]
-    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), window, groups=c).chunk(5)
-    mu_x, mu_y, xx, yy, xy = stats
-    var_x = (xx - mu_x**2).clamp_min(0)
-    var_y = (yy - mu_y**2).clamp_min(0)
-    cov = xy - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
+    value = peak_signal_noise_ratio(pred.float(), target.float(), data_range=data_range, reduction="none",
+                                    dim=(1, 2, 3))
+    return value.clamp_max(10.0 * math.log10(data_range**2 / MSE_FLOOR))
 
 
-METRIC_FNS = {"mse": mse, "psnr": psnr, "ssim": ssim}
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image structural similarity ``[B]``: torchmetrics' default SSIM (Gaussian window 11x11,
+    sigma 1.5, reflection padding), averaged over channels and pixels of each image."""
+    _check(pred, target)
+    if min(pred.shape[-2:]) <= SSIM_WINDOW // 2:
+        raise ValueError(f"SSIM with a {SSIM_WINDOW}px window needs images larger than {SSIM_WINDOW // 2}px, "
+                         f"got {tuple(pred.shape[-2:])}")
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=data_range,
+                                               reduction="none")
 
 
-def image_metrics(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> dict[str, torch.Tensor]:
-    """MSE, PSNR and SSIM per image ``[B]``."""
-    return {"mse": mse(pred, target), "psnr": psnr(pred, target, data_range), "ssim": ssim(pred, target, data_range)}
+@dataclass(frozen=True)
+class ImageMetric:
+    fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (pred, target, data_range) -> [B]
+    higher_is_better: bool
+    header: str  # column title in reports
+
+
+# The one registry of per-image metrics: evaluation computes each as best-of-N and mean-of-N,
+# reports and plots read their names, directions and headers from here.
+IMAGE_METRICS = {
+    "mse": ImageMetric(lambda pred, target, data_range: mse(pred, target), False, "MSE"),
+    "psnr": ImageMetric(psnr, True, "PSNR"),
+    "ssim": ImageMetric(ssim, True, "SSIM"),
+}
 
 
 def sample_metrics(samples: torch.Tensor, target: torch.Tensor, crop: int = 0, data_range: float = 1.0) -> dict[str, torch.Tensor]:
@@ -114,8 +91,8 @@ def sample_metrics(samples: torch.Tensor, target: torch.Tensor, crop: int = 0, d
     flat = central_crop(samples.flatten(0, 1), crop)
     ref = central_crop(target, crop).repeat_interleave(n, dim=0)
     out = {}
-    for name, values in image_metrics(flat, ref, data_range).items():
-        values = values.view(b, n)
-        best = values.amax(1) if HIGHER_IS_BETTER[name] else values.amin(1)
+    for name, metric in IMAGE_METRICS.items():
+        values = metric.fn(flat, ref, data_range).view(b, n)
+        best = values.amax(1) if metric.higher_is_better else values.amin(1)
         out[f"{name}_best"], out[f"{name}_mean"] = best, values.mean(1)
     return out

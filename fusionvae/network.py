@@ -1,8 +1,13 @@
-"""FusionVAE: NVAE-style hierarchical conditional VAE fusing K views into samples of the target.
+"""FusionVAE: NVAE-style hierarchical conditional VAE fusing K views into samples of the target
+(docs/design.md §1).
 
 The bottom-up encoder runs on all views and the target at once (folded into the batch, shared
-weights). At every latent group a shared head maps ``e_k + Conv1x1(s)`` (s = decoder state) to
-per-slot Normal parameters: the prior aggregates the K views, the posterior uses the target.
+weights). Each ``LatentGroup`` of the top-down decoder maps ``e_k + Conv1x1(s)`` to per-slot
+Normal parameters: the prior aggregates the K views, the posterior uses the target.
+
+Glossary: K = number of input views; slot = one image of the folded stack (K views, then the
+target when given); group = one latent variable z_l; scale = one resolution of the hierarchy;
+t = sampling temperature; s = decoder state.
 """
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .aggregation import aggregate_features, aggregate_params, check_aggregation
+from . import checkpointing
+from .aggregation import aggregate_features, check_aggregation
 from .cells import decoder_cell, encoder_cell
-from .distributions import LIKELIHOODS, Normal, soft_clamp
+from .distributions import LIKELIHOODS, Likelihood
+from .latent_group import LatentGroup, legacy_key_map
 from .layers import conv
 
 SKIP_MODES = ("none", "max", "mean")
@@ -31,7 +38,7 @@ def groups_per_scale(num_scales: int, num_groups: int, ada_groups: bool, min_gro
 
 @dataclass
 class FusionOutput:
-    likelihood: object  # DiscMixLogistic | Bernoulli over the (uncropped) image
+    likelihood: Likelihood  # over the (uncropped) image
     kl: torch.Tensor  # [B, L] analytic KL(q || p) per group (zeros when sampling or deterministic)
     log_q: torch.Tensor  # [B] log q(z | x, y) of the drawn z
     log_p: torch.Tensor  # [B] log p(z | x) of the drawn z
@@ -64,112 +71,99 @@ class FusionVAE(nn.Module):
         likelihood: str = "logistic_mixture",
         num_mix: int = 10,
         channels_last: bool = True,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
+        _validate(image_size, skip, likelihood, num_preprocess_blocks, num_postprocess_blocks, num_latent_scales,
+                  num_channels=num_channels, num_groups_per_scale=num_groups_per_scale,
+                  num_latent_per_group=num_latent_per_group, num_preprocess_cells=num_preprocess_cells,
+                  num_postprocess_cells=num_postprocess_cells)
         self.aggregation = check_aggregation(aggregation)
-        if skip not in SKIP_MODES:
-            raise ValueError(f"unknown skip mode '{skip}'; choose one of {', '.join(SKIP_MODES)} (model.net.skip)")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood '{likelihood}'; choose one of {', '.join(LIKELIHOODS)}")
-        for name, value in [("num_channels", num_channels), ("num_latent_scales", num_latent_scales),
-                            ("num_groups_per_scale", num_groups_per_scale), ("num_latent_per_group", num_latent_per_group),
-                            ("num_preprocess_cells", num_preprocess_cells), ("num_postprocess_cells", num_postprocess_cells)]:
-            if value < 1:
-                raise ValueError(f"model.net.{name} must be >= 1, got {value}")
-        factor = 2 ** (num_preprocess_blocks + num_latent_scales - 1)
-        if image_size % factor or num_postprocess_blocks != num_preprocess_blocks:
-            raise ValueError(
-                f"image_size {image_size} must be divisible by 2^(num_preprocess_blocks + num_latent_scales - 1) = {factor} "
-                f"and num_postprocess_blocks ({num_postprocess_blocks}) must equal num_preprocess_blocks ({num_preprocess_blocks})"
-            )
         self.channels, self.skip, self.res_dist, self.stochastic = channels, skip, res_dist, stochastic
         self.z_ch = num_latent_per_group
+        self.activation_checkpointing = activation_checkpointing  # recompute cell activations in backward
         self.likelihood_cls, self.num_mix = LIKELIHOODS[likelihood], num_mix
         self.groups = groups_per_scale(num_latent_scales, num_groups_per_scale, ada_groups, min_groups_per_scale)
         self.groups_decoder_order = self.groups[::-1]
-
-        # Bottom-up encoder (highest resolution first).
-        ch = num_channels
-        self.stem = conv(channels, ch, 3)
-        pre = []
-        for _ in range(num_preprocess_blocks):
-            for c in range(num_preprocess_cells):
-                down = c == num_preprocess_cells - 1
-                pre.append(encoder_cell(ch, down=down, use_se=use_se))
-                ch = 2 * ch if down else ch
-        self.preprocess = nn.Sequential(*pre)
-        self.enc_groups = nn.ModuleList()
-        self.enc_down = nn.ModuleList()
-        for s, n in enumerate(self.groups):
-            self.enc_groups.append(nn.ModuleList(
-                nn.Sequential(*[encoder_cell(ch, use_se=use_se) for _ in range(num_cell_per_cond_enc)]) for _ in range(n)
-            ))
-            if s < num_latent_scales - 1:
-                self.enc_down.append(encoder_cell(ch, down=True, use_se=use_se))
-                ch *= 2
-        self.enc0 = nn.Sequential(nn.ELU(), conv(ch, ch, 1), nn.ELU())
-
-        # Top-down decoder (lowest resolution first).
-        top = image_size // factor
+        ch = self._build_encoder(num_channels, num_preprocess_blocks, num_preprocess_cells,
+                                 num_cell_per_cond_enc, use_se)
+        top = image_size // 2 ** (num_preprocess_blocks + num_latent_scales - 1)
         self.top_state = nn.Parameter(torch.randn(1, ch, top, top))
-        self.dec_cells, self.enc_proj, self.heads, self.prior_heads, self.combiners = (nn.ModuleList() for _ in range(5))
-        z = num_latent_per_group
-        for s, n in enumerate(self.groups_decoder_order):
-            for g in range(n):
-                cells = []
-                if s > 0 and g == 0:
-                    cells.append(decoder_cell(2 * ch, up=True, expand=dec_expand, use_se=use_se))
-                if s > 0 or g > 0:
-                    cells += [decoder_cell(ch, expand=dec_expand, use_se=use_se) for _ in range(num_cell_per_cond_dec)]
-                self.dec_cells.append(nn.Sequential(*cells))
-                self.enc_proj.append(conv(ch, ch, 1))
-                self.heads.append(conv(ch, 2 * z, 3))
-                top_group = s == 0 and g == 0  # its K = 0 prior is N(0, I)
-                self.prior_heads.append(nn.Identity() if top_group else nn.Sequential(nn.ELU(), conv(ch, 2 * z, 1)))
-                self.combiners.append(conv(ch + z, ch, 1))
-            ch //= 2
-        ch *= 2
-        post = []
-        for _ in range(num_postprocess_blocks):
-            for c in range(num_postprocess_cells):
-                up = c == 0
-                post.append(decoder_cell(ch, up=up, expand=post_expand, use_se=use_se))
-                ch = ch // 2 if up else ch
-        self.postprocess = nn.Sequential(*post)
-        self.image_head = nn.Sequential(nn.ELU(), conv(ch, self.likelihood_cls.num_params(channels, num_mix), 3))
+        ch = self._build_decoder(ch, num_cell_per_cond_dec, dec_expand, use_se)
+        self._build_postprocess(ch, num_postprocess_blocks, num_postprocess_cells, post_expand, use_se)
         # NHWC: 1.4x faster training on CPU (depthwise conv backward) and the fast path for cuDNN
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+        self.register_load_state_dict_pre_hook(legacy_key_map)
 
+    # ---- construction -------------------------------------------------------------------------
+    def _build_encoder(self, ch: int, blocks: int, cells_per_block: int, cells_per_group: int, use_se: bool) -> int:
+        """Stem, pre-process cells, one encoder tower stage per scale and enc0; returns the channels."""
+        self.stem = conv(self.channels, ch, 3)
+        pre = []
+        for _ in range(blocks):
+            for c in range(cells_per_block):
+                down = c == cells_per_block - 1
+                pre.append(encoder_cell(ch, down=down, use_se=use_se))
+                ch = 2 * ch if down else ch
+        self.preprocess = nn.Sequential(*pre)
+        self.enc_groups, self.enc_down = nn.ModuleList(), nn.ModuleList()
+        for scale, n in enumerate(self.groups):
+            self.enc_groups.append(nn.ModuleList(
+                nn.Sequential(*[encoder_cell(ch, use_se=use_se) for _ in range(cells_per_group)]) for _ in range(n)))
+            if scale < len(self.groups) - 1:
+                self.enc_down.append(encoder_cell(ch, down=True, use_se=use_se))
+                ch *= 2
+        self.enc0 = nn.Sequential(nn.ELU(), conv(ch, ch, 1), nn.ELU())
+        return ch
+
+    def _build_decoder(self, ch: int, cells_per_group: int, expand: int, use_se: bool) -> int:
+        """One ``LatentGroup`` per latent group, coarsest scale first; returns the output channels."""
+        groups = []
+        for scale, n in enumerate(self.groups_decoder_order):
+            if scale > 0:
+                ch //= 2
+            for g in range(n):
+                cells = [decoder_cell(2 * ch, up=True, expand=expand, use_se=use_se)] if scale > 0 and g == 0 else []
+                if scale > 0 or g > 0:
+                    cells += [decoder_cell(ch, expand=expand, use_se=use_se) for _ in range(cells_per_group)]
+                top = scale == 0 and g == 0  # its K = 0 prior is N(0, I)
+                groups.append(LatentGroup(nn.Sequential(*cells), ch, self.z_ch, top, self.aggregation, self.res_dist))
+        self.latent_groups = nn.ModuleList(groups)
+        return ch
+
+    def _build_postprocess(self, ch: int, blocks: int, cells_per_block: int, expand: int, use_se: bool) -> None:
+        post = []
+        for _ in range(blocks):
+            for c in range(cells_per_block):
+                up = c == 0
+                post.append(decoder_cell(ch, up=up, expand=expand, use_se=use_se))
+                ch = ch // 2 if up else ch
+        self.postprocess = nn.Sequential(*post)
+        self.image_head = nn.Sequential(nn.ELU(), conv(ch, self.likelihood_cls.num_params(self.channels, self.num_mix), 3))
+
+    # ---- forward ------------------------------------------------------------------------------
     @property
     def num_groups(self) -> int:
-        return len(self.heads)
+        return len(self.latent_groups)
+
+    def _cell(self, cell: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpointing.run(cell, x, self.activation_checkpointing and self.training)
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-group features of ``images [N, C, H, W]`` in [0, 1], in decoder order (top first)."""
-        h = self.preprocess(self.stem(2 * images.contiguous(memory_format=self.memory_format) - 1))
+        h = self.stem(2 * images.contiguous(memory_format=self.memory_format) - 1)
+        for cell in self.preprocess:
+            h = self._cell(cell, h)
         feats = []
-        for s, groups in enumerate(self.enc_groups):
+        for scale, groups in enumerate(self.enc_groups):
             for group in groups:
-                h = group(h)
+                h = self._cell(group, h)
                 feats.append(h)
-            if s < len(self.enc_down):
-                h = self.enc_down[s](h)
+            if scale < len(self.enc_down):
+                h = self._cell(self.enc_down[scale], h)
         feats[-1] = self.enc0(h)
         return feats[::-1]
-
-    def _prior(self, l: int, s: torch.Tensor, view_params: torch.Tensor | None) -> Normal:
-        if view_params is not None and view_params.shape[1] > 0:
-            return aggregate_params(view_params, self.aggregation)
-        if l == 0:  # unconditional top prior
-            return Normal.standard((s.shape[0], self.z_ch, *s.shape[2:]), s.device)
-        return Normal.from_params(self.prior_heads[l](s))
-
-    def _posterior(self, params: torch.Tensor, prior: Normal) -> Normal:
-        if not self.res_dist:
-            return Normal.from_params(params)
-        d_mu, d_log_sigma = params.float().chunk(2, dim=1)
-        return Normal(prior.mu + soft_clamp(d_mu), prior.sigma * soft_clamp(d_log_sigma).exp())
 
     def forward(
         self,
@@ -190,30 +184,42 @@ class FusionVAE(nn.Module):
         feats = self.encode(images.flatten(0, 1)) if slots > 0 else [None] * self.num_groups
         n = b * repeats
         s = self.top_state.expand(n, -1, -1, -1)
-        kls, log_q, log_p = [], s.new_zeros(n, dtype=torch.float32), s.new_zeros(n, dtype=torch.float32)
-        for l, feat in enumerate(feats):
-            s = self.dec_cells[l](s)
-            slot_feats = None
-            if feat is not None:
-                slot_feats = feat.view(b, slots, *feat.shape[1:]).repeat_interleave(repeats, dim=0)
-                f = slot_feats + self.enc_proj[l](s).unsqueeze(1)
-                params = self.heads[l](f.flatten(0, 1)).view(n, slots, 2 * self.z_ch, *f.shape[3:])
-            prior = self._prior(l, s, params[:, :k] if feat is not None else None)
-            if not self.stochastic:
-                z = prior.mu
-                kls.append(log_q.new_zeros(n))
-            elif target is not None:
-                q = self._posterior(params[:, k], prior)
-                z = q.sample(t)
-                kls.append(q.kl(prior).flatten(1).sum(1))
-                log_q = log_q + q.log_prob(z).flatten(1).sum(1)
-                log_p = log_p + prior.log_prob(z).flatten(1).sum(1)
-            else:
-                z = prior.sample(t)
-                kls.append(log_q.new_zeros(n))
-                log_p = log_p + prior.log_prob(z).flatten(1).sum(1)
-            s = self.combiners[l](torch.cat([s, z.to(s.dtype)], dim=1))
+        stats = _LatentStats(n, s.device)
+        draw = "mean" if not self.stochastic else "posterior" if target is not None else "prior"
+        for group, feat in zip(self.latent_groups, feats):
+            slot_feats = None if feat is None else feat.view(b, slots, *feat.shape[1:]).repeat_interleave(repeats, 0)
+            s = group(s, slot_feats, k, draw, t, stats, self._cell)
             if self.skip != "none" and slot_feats is not None and k > 0:
                 s = s + aggregate_features(slot_feats[:, :k], self.skip)
-        out = self.image_head(self.postprocess(s))
-        return FusionOutput(self.likelihood_cls(out, self.channels, self.num_mix), torch.stack(kls, dim=1), log_q, log_p)
+        for cell in self.postprocess:
+            s = self._cell(cell, s)
+        out = self.image_head(s)
+        likelihood = self.likelihood_cls(out, self.channels, self.num_mix)
+        return FusionOutput(likelihood, torch.stack(stats.kl, dim=1), stats.log_q, stats.log_p)
+
+
+class _LatentStats:
+    """Per-item sums that the latent groups add to: KL per group, log q(z) and log p(z)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.kl: list[torch.Tensor] = []
+        self.log_q = torch.zeros(n, device=device)
+        self.log_p = torch.zeros(n, device=device)
+
+
+def _validate(image_size: int, skip: str, likelihood: str, pre_blocks: int, post_blocks: int, scales: int,
+              **sizes: int) -> None:
+    """Reject impossible settings with the config key to change."""
+    if skip not in SKIP_MODES:
+        raise ValueError(f"unknown skip mode '{skip}'; choose one of {', '.join(SKIP_MODES)} (model.skip)")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood '{likelihood}'; choose one of {', '.join(LIKELIHOODS)} (model.likelihood)")
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {value}")
+    factor = 2 ** (pre_blocks + scales - 1)
+    if image_size % factor or post_blocks != pre_blocks:
+        raise ValueError(
+            f"image_size {image_size} must be divisible by 2^(num_preprocess_blocks + num_latent_scales - 1) = {factor} "
+            f"and num_postprocess_blocks ({post_blocks}) must equal num_preprocess_blocks ({pre_blocks}) (model.*)"
+        )

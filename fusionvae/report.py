@@ -8,16 +8,13 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .metrics import IMAGE_METRICS
+
 # column key -> header; NELBO / IW-NLL are in the run's units (nats or bits/dim)
 METRICS = {
     "nelbo": "NELBO",
     "iw_nll": "IW-NLL",
-    "mse_best": "MSE best",
-    "mse_mean": "MSE mean",
-    "psnr_best": "PSNR best",
-    "psnr_mean": "PSNR mean",
-    "ssim_best": "SSIM best",
-    "ssim_mean": "SSIM mean",
+    **{f"{name}_{kind}": f"{metric.header} {kind}" for name, metric in IMAGE_METRICS.items() for kind in ("best", "mean")},
 }
 _KEY = re.compile(r"^(?:test/)?(?P<metric>.+)_k(?P<k>\d+)$")
 MODEL_KEYS = ("aggregation", "skip", "res_dist", "stochastic", "num_latent_scales", "num_groups_per_scale",

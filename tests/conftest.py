@@ -37,6 +37,6 @@ TINY = [
 ]
 
 
-def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
+def compose_cfg(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
+        return compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fusionvae.distributions import Bernoulli, DiscMixLogistic, Normal
+from fusionvae.distributions import LIKELIHOODS, Bernoulli, DiscMixLogistic, Likelihood, Normal
 
 
 def all_grey_values(shape=(2, 3)):
@@ -96,3 +96,12 @@ def test_bernoulli_normalised():
     dist = Bernoulli(logits, 1)
     total = dist.log_prob(torch.zeros(1, 1, 3, 3)).exp() + dist.log_prob(torch.ones(1, 1, 3, 3)).exp()
     torch.testing.assert_close(total, torch.ones(1, 3, 3))
+
+
+def test_every_likelihood_implements_the_interface():
+    for name, cls in LIKELIHOODS.items():
+        assert issubclass(cls, Likelihood), name
+        dist = cls(torch.randn(2, cls.num_params(3, 2), 4, 4), 3, 2)
+        x = torch.rand(2, 3, 4, 4)
+        assert dist.log_prob(x).shape == (2, 4, 4)
+        assert dist.sample().shape == dist.mean().shape == (2, 3, 4, 4)

@@ -46,10 +46,10 @@ def one_dim_latent_model() -> FusionVAEModule:
                         num_postprocess_blocks=1, num_latent_scales=1, num_groups_per_scale=1,
                         num_latent_per_group=1, num_mix=2, channels_last=False).eval()
     with torch.no_grad():
-        m.net.combiners[0].log_g += math.log(8)
+        m.net.latent_groups[0].combiner.log_g += math.log(8)
         m.net.image_head[1].log_g += math.log(3)
-        m.net.heads[0].bias[0] += 1.0
-        m.net.heads[0].bias[1] -= 1.0
+        m.net.latent_groups[0].head.bias[0] += 1.0
+        m.net.latent_groups[0].head.bias[1] -= 1.0
     return m
 
 
