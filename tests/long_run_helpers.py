@@ -51,7 +51,7 @@ class Poison(L.Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         self.module = pl_module
-        cell = pl_module.net.dec_cells[1][0]
+        cell = pl_module.net.latent_groups[1].cells[0]
         if self.kind == "input":
             pl_module.net.stem.register_forward_pre_hook(
                 lambda mod, args: (args[0].index_fill(-1, torch.tensor([3]), float("nan")),) if self.active() else None)

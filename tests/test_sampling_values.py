@@ -98,8 +98,6 @@ def test_grey_mean_is_the_exact_expectation_for_components_inside_the_range():
     torch.testing.assert_close(DiscMixLogistic(params, 1, 3).mean().double().view(-1), exact, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="DiscMixLogistic.mean() mixes the component means first and clamps after, "
-                   "so components outside [-1, 1] (mass piled on 0 or 255) are not the exact expectation")
 def test_grey_mean_is_the_exact_expectation_with_mass_on_the_edges():
     pmf = grey_pmf(GREY_EDGES, 3)
     exact = (LEVELS.view(256, 1) / 255 * pmf).sum(0)
@@ -139,8 +137,6 @@ def test_rgb_mean_with_coupling_is_exact_for_one_component():
     torch.testing.assert_close(DiscMixLogistic(RGB_ONE, 3, 1).mean().double().view(-1), exact, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="DiscMixLogistic.mean() couples each component's green / blue mean to the "
-                   "mixture mean of the previous channels, not to that component's own: off by ~0.1 here")
 def test_rgb_mean_with_coupling_is_exact_for_a_mixture():
     exact = _exact_rgb_mean(RGB_TWO, 2)
     torch.testing.assert_close(DiscMixLogistic(RGB_TWO, 3, 2).mean().double().view(-1), exact, atol=1e-4, rtol=0)
