@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fusionvae.losses import balanced_kl
+from fusionvae.objective import training_loss
 
 
 def main() -> None:
@@ -43,9 +43,7 @@ def main() -> None:
         k = model.draw_k()
         model.train_batches += 1
         with autocast:
-            recon, kl, _ = model.nelbo(batch, k)
-            kl_w, _ = balanced_kl(kl, model.kl_alpha, 0.5)
-            loss = (recon + kl_w).mean() + 1e-2 * model.regulariser()
+            loss = training_loss(model.terms(batch, k), model.kl_alpha, 0.5, model.loss_settings, model.regulariser())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

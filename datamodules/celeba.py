@@ -1,4 +1,4 @@
-"""FusionCelebA (DESIGN.md section 2): 64x64 RGB faces seen through ellipse windows.
+"""FusionCelebA (docs/design.md §2): 64x64 RGB faces seen through ellipse windows.
 
 Train: clean faces from ``<lmdb_dir>/train``, a random horizontal flip and a fresh corruption per
 fetch, drawn per item from (seed, epoch, index) (``datamodules.sampling``), so runs and resumed

@@ -1,4 +1,4 @@
-"""PNG-in-LMDB image store shared by FusionCelebA and FusionT-LESS (DESIGN.md section 2).
+"""PNG-in-LMDB image store shared by FusionCelebA and FusionT-LESS (docs/design.md §2).
 
 Record format
     key ``b"%08d" % i`` (i = 0 .. count-1) -> one PNG holding a stack of ``n`` uint8 images of

@@ -1,4 +1,4 @@
-"""Build the FusionCelebA LMDBs from CelebA in torchvision's layout (DESIGN.md section 2).
+"""Build the FusionCelebA LMDBs from CelebA in torchvision's layout (docs/design.md §2).
 
     python -m datamodules.make_celeba --root DATA_DIR [--out DIR] [--workers N] [--seed S]
 

@@ -1,4 +1,4 @@
-"""Build the FusionT-LESS LMDBs from the BOP T-LESS layout (DESIGN.md section 2).
+"""Build the FusionT-LESS LMDBs from the BOP T-LESS layout (docs/design.md §2).
 
     python -m datamodules.make_tless --bop-root BOP_TLESS --out DIR [--workers N] [--val-seed S]
     python -m datamodules.make_tless --out DIR --val-only        # validation set from existing pools

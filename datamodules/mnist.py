@@ -1,4 +1,4 @@
-"""FusionMNIST (DESIGN.md section 2): MNIST zero-padded 28 -> 32, 1 channel, ellipse-window views.
+"""FusionMNIST (docs/design.md §2): MNIST zero-padded 28 -> 32, 1 channel, ellipse-window views.
 
 Train: the 60k training digits with a fresh corruption on every fetch, drawn per item from
 (seed, epoch, index) (``datamodules.sampling``), so runs and resumed runs are reproducible.

@@ -1,4 +1,4 @@
-"""Occluder pasting for FusionT-LESS (DESIGN.md section 2), vectorised over a whole batch.
+"""Occluder pasting for FusionT-LESS (docs/design.md §2), vectorised over a whole batch.
 
 Images are premultiplied RGBA (colour already multiplied by alpha; black where alpha is 0), as
 stored by ``datamodules.make_tless``. Each view gets ``n`` occluders, n uniform in

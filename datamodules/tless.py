@@ -1,4 +1,4 @@
-"""FusionT-LESS (DESIGN.md section 2): 64x64 views of T-LESS objects occluded by pasted objects.
+"""FusionT-LESS (docs/design.md §2): 64x64 views of T-LESS objects occluded by pasted objects.
 
 Train: an object image from ``<lmdb_dir>/objects_train`` area-resized to ``image_size`` is the
 target; each of the k_max views pastes fresh occluders (``datamodules.paste``, vectorised over

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .objective import split_views
+
 
 def batchnorm_layers(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
@@ -56,7 +58,7 @@ def readjust_bn(
                 batch = batch.to(device, torch.float32)
                 k_top = min(k_max, batch.shape[1] - 1)
                 k = k_top - used % (k_top + 1)  # K = k_top first: the encoder sees data from batch 1
-                views, _ = target.split(batch, k)
+                views, _ = split_views(batch, k)
                 target.net(views, None, t=t)
                 used += 1
     finally:

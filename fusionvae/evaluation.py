@@ -1,4 +1,4 @@
-"""Checkpoint evaluation per K (DESIGN.md section 3), behind ``evaluate.py``.
+"""Checkpoint evaluation per K (docs/design.md §3), behind ``evaluate.py``.
 
 For every K in 0..k_max, on the fixed validation / test set (``trainer.limit_test_batches`` takes
 a subset), in eval mode and fp32 (autocast off):
@@ -7,37 +7,38 @@ a subset), in eval mode and fp32 (autocast off):
 - ``iw_nll``: -[logsumexp_s (log p(y|z_s) + log p(z_s|x) - log q(z_s|x,y)) - log S] with
   z_s ~ q(z | x, y), S = ``eval.iw_samples``, drawn ``eval.iw_chunk`` at a time from one encoder
   pass each (``repeats``) so memory stays bounded; both in nats (MNIST, central crop) or bits/dim;
-- ``{mse,psnr,ssim}_{best,mean}``: best-of-N and mean-of-N over N = ``eval.num_samples`` images
-  decoded from z ~ p(z | x) at ``eval.sample_temperature`` against the target (central crop).
-  For a deterministic net (FCN) every draw is the same, so S = 1 (and N = 1 with mean images) is
-  used: the values are identical and exact.
+- ``<metric>_{best,mean}`` for every metric of ``metrics.IMAGE_METRICS``: best-of-N and mean-of-N
+  over N = ``eval.num_samples`` images decoded from z ~ p(z | x) at ``eval.sample_temperature``
+  against the target (central crop). For a deterministic net (FCN) every draw is the same, so
+  S = 1 (and N = 1 with mean images) is used: the values are identical and exact.
 
-The metrics run inside Lightning's test loop (device, loggers and ``limit_test_batches`` come from
-the trainer config; the trainer's precision is forced to fp32 by conf/evaluate.yaml), are logged as
-``test/<metric>_k<K>`` and written with ``fusionvae.report`` to metrics.json / .csv / .md and a
-metric-vs-K plot. Then image grids per K at ``eval.temperatures`` (t = 0: the mean image),
-optionally with BN statistics re-adjusted per temperature (``eval.bn_readjust``).
+Results are kept per K (``{K: {metric: mean}}`` with standard errors over items), logged as
+``eval/<metric>_k<K>`` (``train.py test=true`` logs its one-draw NELBO as ``test/``, a different
+estimator) and written by ``fusionvae.report``. Then image grids per K (``fusionvae.sampling``).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
+from torchvision.io import read_image
+from torchvision.utils import save_image
 
 from .bn_readjust import readjust_bn
 from .errors import BadInputError
 from .instantiate import build, finish
 from .lit_module import FusionVAEModule
 from .metrics import log_mean_exp, sample_metrics
+from .objective import k_range, log_likelihood, split_views
 from .report import describe_model, write_report
 from .resume import check_dataset, read_checkpoint, resolve_ckpt_path
-
-DECODE_MODES = ("mean", "sample")
+from .sampling import DECODE_MODES, draw, fusion_grid, log_images
 
 
 @dataclass
@@ -76,122 +77,83 @@ class EvalSettings:
         return cls(**values)
 
 
-def _chunks(total: int, size: int):
-    for start in range(0, total, size):
-        yield min(size, total - start)
-
-
 @torch.no_grad()
 def importance_weighted(module: FusionVAEModule, views: torch.Tensor, target: torch.Tensor, samples: int,
                         chunk: int) -> dict[str, torch.Tensor]:
     """IW-NLL and NELBO in nats per item ``[B]`` from ``samples`` posterior draws, ``chunk`` per pass."""
-    b = target.shape[0]
+    b, crop = target.shape[0], module.hparams.crop
     log_w, nelbo = [], target.new_zeros(b, dtype=torch.float32)
     with torch.autocast(target.device.type, enabled=False):
         views, target = views.float(), target.float()
-        for c in _chunks(samples, chunk):
+        for start in range(0, samples, chunk):
+            c = min(chunk, samples - start)
             out = module.net(views, target, repeats=c)
-            log_px = module.log_likelihood(out, target.repeat_interleave(c, dim=0))  # [B * c]
+            log_px = log_likelihood(out.likelihood, target.repeat_interleave(c, dim=0), crop)  # [B * c]
             log_w.append((log_px + out.log_p.float() - out.log_q.float()).view(b, c))
             nelbo += (-log_px + out.kl.float().sum(1)).view(b, c).sum(1)
     return {"iw_nll": -log_mean_exp(torch.cat(log_w, dim=1).double(), dim=1).float(), "nelbo": nelbo / samples}
 
 
 @torch.no_grad()
-def draw_samples(module: FusionVAEModule, views: torch.Tensor, n: int, t: float = 1.0, decode: str = "mean",
-                 chunk: int | None = None) -> torch.Tensor:
-    """``n`` images per item ``[B, n, C, H, W]`` decoded from z ~ p(z | x) at temperature ``t``."""
-    b = views.shape[0]
-    parts = []
-    with torch.autocast(views.device.type, enabled=False):
-        for c in _chunks(n, chunk or n):
-            lik = module.net(views.float(), None, t=t, repeats=c).likelihood
-            images = lik.mean() if decode == "mean" else lik.sample()
-            parts.append(images.view(b, c, *images.shape[1:]))
-    return torch.cat(parts, dim=1)
-
-
-@torch.no_grad()
 def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, settings: EvalSettings) -> dict[str, torch.Tensor]:
     """All metrics per item ``[B]`` for K = ``k`` views (NELBO / IW-NLL in the module's units)."""
-    views, target = module.split(batch, k)
+    views, target = split_views(batch, k)
     # a deterministic net (FCN: log q = log p = 0) gives the same weight for every draw: one is exact
     stochastic = module.net.stochastic
     iw = importance_weighted(module, views, target, settings.iw_samples if stochastic else 1, settings.iw_chunk)
-    out = {name: module.to_units(value, target) for name, value in iw.items()}
+    out = {name: module.units(value, target) for name, value in iw.items()}
     n = settings.num_samples if stochastic or settings.decode == "sample" else 1  # mean images of one z: alike
-    samples = draw_samples(module, views, n, settings.sample_temperature, settings.decode, settings.iw_chunk)
+    samples = draw(module.net, views, n, settings.sample_temperature, settings.decode, settings.iw_chunk)
     out.update(sample_metrics(samples, target, crop=module.hparams.crop))
     return out
 
 
 class Evaluator(L.LightningModule):
-    """Runs ``evaluate_batch`` for every K in Lightning's test loop; logs per-K means
-    ``test/<metric>_k<K>`` (and ``test/nelbo``, ``test/iw_nll``: means over K) at the end."""
+    """Runs ``evaluate_batch`` for every K in Lightning's test loop. ``results`` is
+    ``{K: {metric: mean}}`` and ``stderr`` ``{K: {metric: standard error over items}}`` after the
+    loop; both are gathered over ranks."""
 
     def __init__(self, module: FusionVAEModule, settings: EvalSettings):
         super().__init__()
         self.module = module
         self.settings = settings
-        self._sums: dict[str, torch.Tensor] = {}
+        self.results: dict[int, dict[str, float]] = {}
+        self.stderr: dict[int, dict[str, float]] = {}
+        self.items = 0  # test items evaluated (per K)
+        self._sums: dict[int, dict[str, torch.Tensor]] = {}  # K -> metric -> [count, sum, sum of squares]
 
     def on_test_epoch_start(self) -> None:
         self._sums = {}
 
-    def _add(self, key: str, values: torch.Tensor) -> None:
-        total = values.double().sum()
-        self._sums[key] = self._sums.get(key, torch.zeros((), dtype=torch.float64, device=values.device)) + total
-
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         batch = batch.float()
-        for k in range(min(self.module.hparams.k_max, batch.shape[1] - 1) + 1):
+        for k in k_range(self.module.hparams.k_max, batch):
+            sums = self._sums.setdefault(k, {})
             for name, values in evaluate_batch(self.module, batch, k, self.settings).items():
-                self._add(f"{name}_k{k}", values)
-            self._add(f"count_k{k}", torch.full((batch.shape[0],), 1.0, device=batch.device))
+                v = values.double()
+                moments = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device),
+                                       v.sum(), v.pow(2).sum()])
+                sums[name] = sums[name] + moments if name in sums else moments
+
+    def totals(self) -> tuple[list[tuple[int, str]], torch.Tensor]:
+        """This rank's ``(K, metric)`` keys and their ``[count, sum, sum of squares]`` rows."""
+        keys = [(k, name) for k in sorted(self._sums) for name in sorted(self._sums[k])]
+        return keys, torch.stack([self._sums[k][name] for k, name in keys]) if keys else torch.zeros(0, 3)
 
     def on_test_epoch_end(self) -> None:
-        keys = sorted(self._sums)
+        keys, totals = self.totals()
         if not keys:
             return
-        totals = torch.stack([self._sums[k] for k in keys])
         if self.trainer.world_size > 1:
             totals = self.all_gather(totals).sum(0)
-        sums = dict(zip(keys, totals.tolist()))
-        metrics = {}
-        for key, value in sums.items():
-            if key.startswith("count_k"):
-                continue
-            metrics[f"test/{key}"] = value / sums[f"count_k{key.rsplit('_k', 1)[1]}"]
-        ks = sorted({int(k.rsplit("_k", 1)[1]) for k in keys})
-        for name in ("nelbo", "iw_nll"):
-            metrics[f"test/{name}"] = sum(metrics[f"test/{name}_k{k}"] for k in ks) / len(ks)
-        self.log_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in metrics.items()}, sync_dist=False)
-        self.results = metrics
-
-
-# ---- image grids --------------------------------------------------------------------------------
-@torch.no_grad()
-def temperature_columns(module: FusionVAEModule, views: torch.Tensor, t: float, grid_samples: int = 1) -> torch.Tensor:
-    """``[B, n, C, H, W]``: the mean image at t = 0, else ``grid_samples`` samples at temperature t."""
-    with torch.autocast(views.device.type, enabled=False):
-        if t == 0:
-            return module.net(views.float(), None, t=0.0).likelihood.mean().unsqueeze(1)
-        return draw_samples(module, views, grid_samples, t, decode="sample")
-
-
-@torch.no_grad()
-def sample_grid(modules: dict[float, FusionVAEModule], batch: torch.Tensor, k: int, grid_samples: int = 1) -> torch.Tensor:
-    """One row per item: k_max input slots (unused blank), target, then the columns of each
-    temperature (``modules`` maps t to the, possibly BN re-adjusted, model). ``[C', H', W']``."""
-    any_module = next(iter(modules.values()))
-    views, target = any_module.split(batch, k)
-    slots = batch.shape[1] - 1
-    cols = [torch.zeros_like(batch[:, : slots - k]), views, target.unsqueeze(1)]
-    cols += [temperature_columns(m, views, t, grid_samples) for t, m in modules.items()]
-    rows = torch.cat([c.float().cpu() for c in cols], dim=1)
-    if not torch.isfinite(rows).all():
-        raise FloatingPointError(f"non-finite pixels in the K={k} sample grid (temperatures {list(modules)})")
-    return make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=1, pad_value=0.5)
+        for (k, name), (count, total, squares) in zip(keys, totals.tolist()):
+            mean = total / count
+            variance = max(squares / count - mean * mean, 0.0) * count / max(count - 1, 1)
+            self.results.setdefault(k, {})[name] = mean
+            self.stderr.setdefault(k, {})[name] = math.sqrt(variance / count)
+            self.items = int(count)
+        self.log_dict({f"eval/{name}_k{k}": torch.tensor(v, dtype=torch.float32)
+                       for k, row in self.results.items() for name, v in row.items()}, sync_dist=False)
 
 
 def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir: Path, device) -> list[Path]:
@@ -200,28 +162,16 @@ def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir
         return []
     module = module.to(device).eval()
     batch = next(iter(loader))[: settings.grid_images].to(device, torch.float32)
-    modules = {}
-    for t in settings.temperatures:
-        modules[t] = readjust_bn(module, loader, t, settings.bn_readjust_batches, device) if settings.bn_readjust else module
+    nets = {t: (readjust_bn(module, loader, t, settings.bn_readjust_batches, device) if settings.bn_readjust
+                else module).net for t in settings.temperatures}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k in range(min(module.hparams.k_max, batch.shape[1] - 1) + 1):
-        grid = sample_grid(modules, batch, k, settings.grid_samples)
+    for k in k_range(module.hparams.k_max, batch):
+        views, target = split_views(batch, k)
+        grid = fusion_grid(nets, views, target, batch.shape[1] - 1, settings.grid_samples)
         paths.append(out_dir / f"grid_k{k}.png")
         save_image(grid, paths[-1])
     return paths
-
-
-def _log_grids(trainer: L.Trainer, paths: list[Path]) -> None:
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-    from torchvision.io import read_image
-
-    for logger in trainer.loggers:
-        for path in paths:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(f"eval/{path.stem}", [str(path)])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"eval/{path.stem}", read_image(str(path)), 0)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -245,7 +195,7 @@ def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
 
 def run_evaluation(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` per K; write metrics.{json,csv,md}, metrics_vs_k.png and grids to
-    ``cfg.paths.output_dir``; return the ``test/...`` metrics."""
+    ``cfg.paths.output_dir``; return ``{K: {metric: mean}}``."""
     settings = EvalSettings.from_cfg(cfg.get("eval"))
     ckpt_path, model = checkpoint_to_evaluate(cfg)
     datamodule, _, trainer = build(cfg)
@@ -254,7 +204,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     start = time.time()
     try:
         trainer.test(evaluator, datamodule=datamodule)
-        results = {k: float(v) for k, v in getattr(evaluator, "results", {}).items()}
+        results = evaluator.results
         seconds = time.time() - start
         if trainer.is_global_zero:
             info = {
@@ -263,11 +213,14 @@ def run_evaluation(cfg: DictConfig) -> dict:
                 "model": describe_model(model.hparams, str(ckpt_path)),
                 "eval": {**asdict(settings), "temperatures": list(settings.temperatures)},
                 "test_batches": trainer.num_test_batches[0] if trainer.num_test_batches else None,
+                "items": evaluator.items,
+                "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
                 "seconds": round(seconds, 1),
             }
-            write_report(results, info, out_dir)
+            write_report(results, evaluator.stderr, info, out_dir)
             paths = write_grids(model, datamodule.test_dataloader(), settings, out_dir / "images", trainer.strategy.root_device)
-            _log_grids(trainer, paths)
+            for path in paths:
+                log_images(trainer.loggers, f"eval/{path.stem}", read_image(str(path)).float() / 255, 0)
     finally:
         finish(trainer)
     return results

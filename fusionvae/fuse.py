@@ -20,12 +20,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from .errors import BadInputError, FusionVAEError
-from .evaluation import draw_samples, load_model
+from .evaluation import load_model
 from .lit_module import FusionVAEModule
 from .network import FusionVAE
+from .sampling import draw, input_columns, mean_image, render_grid
 
 NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 
@@ -35,10 +36,15 @@ class FusionResult:
     views: torch.Tensor  # [K, C, H, W] the inputs as the model saw them
     samples: torch.Tensor  # [N, C, H, W]
     mean: torch.Tensor  # [C, H, W] the mean image at t = 0
+    k_max: int  # input slots of the model
+    temperature: float
 
-    def grid(self, nrow: int | None = None) -> torch.Tensor:
-        images = torch.cat([self.views, self.mean.unsqueeze(0), self.samples]).float().cpu()
-        return make_grid(images, nrow=nrow or len(images), padding=2, pad_value=0.5)
+    def grid(self) -> torch.Tensor:
+        """One labelled row (``fusionvae.sampling`` layout): input slots, mean image, samples."""
+        inputs, labels = input_columns(self.views.unsqueeze(0), self.k_max)
+        images = torch.cat([inputs[0], self.mean.unsqueeze(0), self.samples]).float().cpu()
+        labels += ["mean"] + [f"t={self.temperature:g}"] * len(self.samples)
+        return render_grid(images.unsqueeze(0), labels)
 
 
 def load_image(path: str | Path, channels: int, image_size: int, crop: int = 0, resize: bool = False) -> torch.Tensor:
@@ -108,11 +114,9 @@ def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, tem
     module.eval()
     device = next(module.parameters()).device
     x = views.to(device, torch.float32).unsqueeze(0)
-    with torch.autocast(device.type, enabled=False):
-        mean = module.net(x, None, t=0.0).likelihood.mean()[0]
-        samples = (draw_samples(module, x, num_samples, temperature, decode)[0] if num_samples
-                   else mean.new_zeros(0, *mean.shape))
-    result = FusionResult(views.float().cpu(), samples.cpu(), mean.cpu())
+    mean = mean_image(module.net, x)[0]
+    samples = draw(module.net, x, num_samples, temperature, decode)[0] if num_samples else mean.new_zeros(0, *mean.shape)
+    result = FusionResult(views.float().cpu(), samples.cpu(), mean.cpu(), module.hparams.k_max, temperature)
     if not (torch.isfinite(result.samples).all() and torch.isfinite(result.mean).all()):
         raise FloatingPointError("the model produced non-finite pixels")
     return result
@@ -120,7 +124,7 @@ def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, tem
 
 def fuse_files(ckpt: str | Path, images: Sequence[str | Path], out: str | Path, num_samples: int = 8,
                temperature: float = 1.0, resize: bool = False, device: str = "cpu", seed: int | None = 0,
-               decode: str = "sample", nrow: int | None = None) -> FusionResult:
+               decode: str = "sample") -> FusionResult:
     """Load ``ckpt``, fuse the image files and write the grid (inputs | mean | samples) to ``out``."""
     if seed is not None:
         torch.manual_seed(seed)
@@ -128,7 +132,7 @@ def fuse_files(ckpt: str | Path, images: Sequence[str | Path], out: str | Path, 
     result = fuse(module, load_views(images, module, resize), num_samples, temperature, decode)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(result.grid(nrow), out)
+    save_image(result.grid(), out)
     return result
 
 
@@ -144,11 +148,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--resize", action="store_true", help="resize inputs of another size to the model's size")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: all in one row)")
     args = parser.parse_args(argv)
     try:
         fuse_files(args.ckpt, args.images, args.out, args.samples, args.temperature, args.resize, args.device,
-                   args.seed, args.decode, args.nrow)
+                   args.seed, args.decode)
     except (FileNotFoundError, ValueError, FusionVAEError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {args.out}")

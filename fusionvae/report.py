@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -16,7 +15,6 @@ METRICS = {
     "iw_nll": "IW-NLL",
     **{f"{name}_{kind}": f"{metric.header} {kind}" for name, metric in IMAGE_METRICS.items() for kind in ("best", "mean")},
 }
-_KEY = re.compile(r"^(?:test/)?(?P<metric>.+)_k(?P<k>\d+)$")
 MODEL_KEYS = ("aggregation", "skip", "res_dist", "stochastic", "num_latent_scales", "num_groups_per_scale",
               "num_channels", "num_latent_per_group", "likelihood")
 
@@ -62,15 +60,9 @@ def describe_model(hparams: Mapping, ckpt_path: str | Path | None = None) -> dic
     return info
 
 
-def per_k_rows(results: Mapping[str, float]) -> list[dict]:
-    """``{"test/<metric>_k<K>": v}`` -> one row per K: ``{"K": K, <metric>: v, ...}``."""
-    rows: dict[int, dict] = {}
-    for key, value in results.items():
-        match = _KEY.match(key)
-        if match and not isinstance(value, (dict, list, str)):
-            k = int(match["k"])
-            rows.setdefault(k, {"K": k})[match["metric"]] = float(value)
-    return [rows[k] for k in sorted(rows)]
+def per_k_rows(results: Mapping[int, Mapping[str, float]]) -> list[dict]:
+    """``{K: {metric: value}}`` -> one row per K: ``{"K": K, <metric>: value, ...}``, K ascending."""
+    return [{"K": int(k), **{name: float(v) for name, v in results[k].items()}} for k in sorted(results)]
 
 
 def metric_columns(rows: Iterable[Mapping]) -> list[str]:
@@ -87,11 +79,16 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: list[Mapping], columns: list[str], headers: Mapping[str, str] | None = None) -> str:
+def markdown_table(rows: list[Mapping], columns: list[str], headers: Mapping[str, str] | None = None,
+                   errors: list[Mapping] | None = None) -> str:
+    """A markdown table; with ``errors`` (rows of standard errors, same order) cells read ``mean ± se``."""
     headers = headers or {}
     lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
              "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    for i, row in enumerate(rows):
+        err = errors[i] if errors else {}
+        cells = [_fmt(row.get(c)) + (f" ± {_fmt(err[c])}" if c in METRICS and c in err else "") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +104,19 @@ def headers_for(units: str | None) -> dict[str, str]:
     return {**METRICS, "nelbo": "NELBO" + suffix, "iw_nll": "IW-NLL" + suffix}
 
 
-def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: str | None = None) -> Path:
-    """One panel per metric, metric against K, one line per entry of ``series`` (label -> rows)."""
+def _readable_limits(ax, values: list[float], errors: list[float]) -> None:
+    """y-limits spanning at least 2 % of the values' size (or 4 standard errors), so that a tiny
+    change does not fill the panel."""
+    low, high = min(values), max(values)
+    span = max(high - low, 0.02 * max(abs(low), abs(high)), 4 * max(errors, default=0.0), 1e-12)
+    middle = (low + high) / 2
+    ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
+
+
+def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: str | None = None,
+                      errors: Mapping[str, list[Mapping]] | None = None, count: int | None = None) -> Path:
+    """One panel per metric, metric against K, one line per entry of ``series`` (label -> rows),
+    with standard-error bars from ``errors`` (label -> rows of the same shape) and the item count."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -118,19 +126,27 @@ def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: st
     headers = headers_for(units)
     ncols = min(4, max(1, len(columns)))
     nrows = max(1, -(-len(columns) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.7 * nrows), squeeze=False)
     for ax, col in zip(axes.flat, columns):
+        values, bars = [], []
         for label, rows in series.items():
-            pts = [(row["K"], row[col]) for row in rows if col in row]
+            err = {row["K"]: row.get(col, 0.0) for row in (errors or {}).get(label, [])}
+            pts = [(row["K"], row[col], err.get(row["K"], 0.0)) for row in rows if col in row]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ks, ys, es = zip(*pts)
+                ax.errorbar(ks, ys, yerr=es, marker="o", capsize=3, label=label)
+                values += ys
+                bars += es
+        if values:
+            _readable_limits(ax, values, bars)
         ax.set_title(headers.get(col, col), fontsize=9)
         ax.set_xlabel("K (input views)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ks = sorted({row["K"] for rows in series.values() for row in rows})
-        ax.set_xticks(ks)
+        ax.set_xticks(sorted({row["K"] for rows in series.values() for row in rows}))
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
+    if count:
+        fig.suptitle(f"mean over {count} items; bars: standard error", fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if len(series) > 1 and handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
@@ -143,27 +159,36 @@ def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: st
     return path
 
 
-def write_report(results: Mapping[str, float], info: Mapping, out_dir: Path | str) -> dict[str, Path]:
-    """metrics.json (``info`` + flat ``test/...`` metrics), metrics.csv and metrics.md (one row per
-    K) and metrics_vs_k.png in ``out_dir``."""
+def write_report(results: Mapping[int, Mapping[str, float]], stderr: Mapping[int, Mapping[str, float]],
+                 info: Mapping, out_dir: Path | str) -> dict[str, Path]:
+    """metrics.json (``info``, ``per_k`` rows, their ``stderr`` and the means over K),
+    metrics.csv and metrics.md (one row per K) and metrics_vs_k.png in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = per_k_rows(results)
+    rows, errors = per_k_rows(results), per_k_rows(stderr)
     columns = ["K", *metric_columns(rows)]
     units = info.get("units")
+    over_k = {name: sum(row[name] for row in rows) / len(rows) for name in ("nelbo", "iw_nll") if rows and
+              all(name in row for row in rows)}
     paths = {name: out_dir / f"metrics.{name}" for name in ("json", "csv", "md")}
-    paths["json"].write_text(json.dumps({**info, **results}, indent=2))
+    paths["json"].write_text(json.dumps({**info, "per_k": rows, "stderr": errors, "mean_over_k": over_k}, indent=2))
     write_csv(rows, columns, paths["csv"])
     model = info.get("model") or {}
-    eval_cfg = info.get("eval") or {}
-    title = f"# Evaluation: {model.get('name', 'model')}\n\n"
+    paths["md"].write_text(f"# Evaluation: {model.get('name', 'model')}\n\n" + _facts(info) + "\n"
+                           + markdown_table(rows, columns, {**headers_for(units), "K": "K"}, errors))
+    paths["png"] = plot_metrics_vs_k({model.get("name", "model"): rows}, out_dir / "metrics_vs_k.png", units,
+                                     {model.get("name", "model"): errors}, info.get("items"))
+    return paths
+
+
+def _facts(info: Mapping) -> str:
+    model, eval_cfg = info.get("model") or {}, info.get("eval") or {}
     facts = [f"checkpoint: `{info.get('ckpt_path')}`"] if info.get("ckpt_path") else []
+    if info.get("items"):
+        facts.append(f"{info['items']} test items")
     if model:
         facts.append(", ".join(f"{k}={model[k]}" for k in ("aggregation", "skip", "res_dist", "stochastic") if k in model))
     if eval_cfg:
         facts.append(f"S={eval_cfg.get('iw_samples')} importance samples, N={eval_cfg.get('num_samples')} samples "
                      f"at t={eval_cfg.get('sample_temperature')} ({eval_cfg.get('decode')} images)")
-    body = "".join(f"- {fact}\n" for fact in facts)
-    paths["md"].write_text(title + body + "\n" + markdown_table(rows, columns, {**headers_for(units), "K": "K"}))
-    paths["png"] = plot_metrics_vs_k({model.get("name", "model"): rows}, out_dir / "metrics_vs_k.png", units)
-    return paths
+    return "".join(f"- {fact}\n" for fact in facts)

@@ -3,10 +3,9 @@
     python scripts/collect_results.py logs/evaluate/multiruns/<date> [more dirs ...] --out comparison
 
 Walks the given directories (Hydra run or multirun dirs) for ``metrics.json`` files written by
-``evaluate.py``. Each run is described by the model facts saved in metrics.json (the training
-config's ``model`` choice, aggregation, skip, res_dist), else by its ``.hydra/config.yaml`` and
-``.hydra/overrides.yaml`` (or those of the training run that wrote ``ckpt_path``). Writes
-``<out>.md``, ``<out>.csv`` and ``<out>.png``: one row per run and K.
+``evaluate.py``; each run is described by the model facts saved there (the training config's
+``model`` choice, aggregation, skip, res_dist). Writes ``<out>.md``, ``<out>.csv`` and
+``<out>.png``: one row per run and K, means with standard errors.
 """
 from __future__ import annotations
 
@@ -19,19 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fusionvae.report import (  # noqa: E402
-    MODEL_KEYS, headers_for, infer_model_name, markdown_table, metric_columns, per_k_rows,
-    plot_metrics_vs_k, training_run, write_csv,
-)
+from fusionvae.report import headers_for, markdown_table, metric_columns, plot_metrics_vs_k, write_csv  # noqa: E402
 
-DEFAULTS = {"aggregation": "max", "skip": "none", "res_dist": False}
 MODEL_ORDER = ("fusionvae", "cvae", "fcn")  # table order; other names follow in the order found
-
-
-def _yaml(path: Path):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
 
 
 def find_metrics(roots: list[Path]) -> list[Path]:
@@ -49,25 +38,12 @@ def find_metrics(roots: list[Path]) -> list[Path]:
 
 
 def describe_run(run_dir: Path, data: dict) -> dict:
-    """Model facts of one evaluation run: from metrics.json, else from the Hydra files."""
+    """Model facts of one evaluation run (written by evaluate.py into metrics.json), plus the
+    overrides the evaluation ran with."""
     model = dict(data.get("model") or {})
-    overrides = _yaml(run_dir / ".hydra" / "overrides.yaml") or []
-    if not model or "name" not in model:
-        cfg = _yaml(run_dir / ".hydra" / "config.yaml") or {}
-        node = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-        train = training_run(data.get("ckpt_path"))
-        model = {**{k: node[k] for k in MODEL_KEYS if k in node}, **model}
-        hydra = _yaml(run_dir / ".hydra" / "hydra.yaml") or {}
-        choice = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices", {}).get("model")
-        model.setdefault("name", train.get("model_config") or choice or infer_model_name(model))
-        if train:
-            model.setdefault("train_overrides", train["overrides"])
-        for item in list(overrides) + list(model.get("train_overrides", [])):  # e.g. model.skip=max
-            key, _, value = str(item).lstrip("+~").partition("=")
-            if key.startswith("model.") and key[6:] in DEFAULTS and key[6:] not in model:
-                model[key[6:]] = value.lower() == "true" if value.lower() in ("true", "false") else value
-    for key, value in DEFAULTS.items():
-        model.setdefault(key, value)
+    if "name" not in model:
+        raise ValueError(f"{run_dir / 'metrics.json'} has no model facts: it was not written by evaluate.py")
+    overrides = data.get("overrides") or []
     model["eval_overrides"] = [o for o in overrides if not str(o).startswith("ckpt_path=")]
     return model
 
@@ -85,13 +61,14 @@ def label_for(model: dict) -> str:
     return " ".join(parts)
 
 
-def collect(roots: list[Path]) -> tuple[list[dict], dict[str, list[dict]], str | None]:
-    """Rows (one per run and K), per-label rows for the plot, and the common units (or None)."""
-    rows, series, units = [], {}, set()
+def collect(roots: list[Path]) -> tuple[list[dict], dict[str, list[dict]], dict[str, list[dict]], str | None]:
+    """Rows (one per run and K), per-label rows and standard errors for the plot, and the common
+    units (or None)."""
+    rows, series, errors, units = [], {}, {}, set()
     base = Path.cwd()
     for path in find_metrics(roots):
         data = json.loads(path.read_text())
-        per_k = per_k_rows(data)
+        per_k, stderr = data.get("per_k") or [], data.get("stderr") or []
         if not per_k:
             continue
         model = describe_run(path.parent, data)
@@ -103,25 +80,26 @@ def collect(roots: list[Path]) -> tuple[list[dict], dict[str, list[dict]], str |
             run = str(path.parent.relative_to(base))
         except ValueError:
             run = str(path.parent)
+        se = {row["K"]: row for row in stderr}
         for row in per_k:
-            rows.append({"label": label, "model": model.get("name"), "aggregation": model.get("aggregation"),
+            rows.append({"stderr": se.get(row["K"], {}), "label": label, "model": model.get("name"), "aggregation": model.get("aggregation"),
                          "skip": model.get("skip"), "res_dist": model.get("res_dist"),
                          "stochastic": model.get("stochastic"), "units": data.get("units"), "run": run,
                          "ckpt_path": data.get("ckpt_path"),
                          "train_overrides": " ".join(model.get("train_overrides", [])),
                          "eval_overrides": " ".join(model.get("eval_overrides", [])), **row})
-        series[label] = per_k
+        series[label], errors[label] = per_k, stderr
     rank = {name: i for i, name in enumerate(MODEL_ORDER)}
     first = {label: i for i, label in enumerate(series)}
     names = {row["label"]: str(row["model"]) for row in rows}
     order = {label: (rank.get(names[label].removesuffix("_skip"), len(rank)), first[label]) for label in series}
     rows.sort(key=lambda r: (r["K"], order[r["label"]]))
     series = dict(sorted(series.items(), key=lambda item: order[item[0]]))
-    return rows, series, units.pop() if len(units) == 1 else None
+    return rows, series, errors, units.pop() if len(units) == 1 else None
 
 
 def write_comparison(roots: list[Path], out: Path) -> dict[str, Path]:
-    rows, series, units = collect(roots)
+    rows, series, errors, units = collect(roots)
     if not rows:
         raise SystemExit(f"no metrics.json with per-K metrics under {', '.join(map(str, roots))}")
     metrics = metric_columns(rows)
@@ -131,9 +109,10 @@ def write_comparison(roots: list[Path], out: Path) -> dict[str, Path]:
                 "run", "ckpt_path", "train_overrides", "eval_overrides"]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"md": out.with_suffix(".md"), "csv": out.with_suffix(".csv"), "png": out.with_suffix(".png")}
-    paths["md"].write_text(f"# Comparison ({len(series)} runs)\n\n" + markdown_table(rows, md_cols, headers))
+    table = markdown_table(rows, md_cols, headers, [row["stderr"] for row in rows])
+    paths["md"].write_text(f"# Comparison ({len(series)} runs, mean ± standard error)\n\n" + table)
     write_csv(rows, csv_cols, paths["csv"])
-    plot_metrics_vs_k(series, paths["png"], units)
+    plot_metrics_vs_k(series, paths["png"], units, errors)
     return paths
 
 

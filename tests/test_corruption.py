@@ -1,4 +1,4 @@
-"""Ellipse-window corruption (datamodules/corruption.py, DESIGN.md section 2)."""
+"""Ellipse-window corruption (datamodules/corruption.py, docs/design.md §2)."""
 from __future__ import annotations
 
 import math

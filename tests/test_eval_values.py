@@ -1,4 +1,4 @@
-"""Evaluator accumulation: the reported test/<metric>_k<K> are item-weighted means over every
+"""Evaluator accumulation: the reported per-K metrics are item-weighted means over every
 test item, also over batches of unequal size and across ranks (the gather path)."""
 from __future__ import annotations
 
@@ -41,13 +41,16 @@ def per_item(m: FusionVAEModule, batches: list[torch.Tensor], rng: list[torch.Te
     return {key: torch.cat(v) for key, v in out.items()}
 
 
-def check_results(results: dict[str, float], values: dict[str, torch.Tensor]) -> None:
-    assert set(results) == {f"test/{n}_k{k}" for n in NAMES for k in range(VIEWS + 1)} | {"test/nelbo", "test/iw_nll"}
+def check_results(results: dict[int, dict[str, float]], values: dict[str, torch.Tensor]) -> None:
+    assert sorted(results) == list(range(VIEWS + 1)) and all(set(row) == set(NAMES) for row in results.values())
     for key, v in values.items():
-        assert results[f"test/{key}"] == pytest.approx(v.mean().item(), rel=1e-6, abs=1e-9), key
-    for name in ("nelbo", "iw_nll"):
-        mean_over_k = sum(values[f"{name}_k{k}"].mean().item() for k in range(VIEWS + 1)) / (VIEWS + 1)
-        assert results[f"test/{name}"] == pytest.approx(mean_over_k, rel=1e-6)
+        name, k = key.rsplit("_k", 1)
+        assert results[int(k)][name] == pytest.approx(v.mean().item(), rel=1e-6, abs=1e-9), key
+
+
+def flat(results: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The logged form: ``eval/<metric>_k<K>``."""
+    return {f"eval/{name}_k{k}": v for k, row in results.items() for name, v in row.items()}
 
 
 class Batches(L.Callback):
@@ -72,7 +75,9 @@ def test_metrics_are_item_weighted_means_over_unequal_batches():
     nelbo = values["nelbo_k3"]
     assert abs(nelbo[:3].mean() - nelbo[3:].mean()) / 10 > 1e-5 * nelbo.mean()
     check_results(evaluator.results, values)
-    for key, value in evaluator.results.items():  # and that is what the loggers got
+    se = evaluator.stderr[3]["nelbo"]  # standard error over the 5 items
+    assert se == pytest.approx(nelbo.std().item() / 5**0.5, rel=1e-6)
+    for key, value in flat(evaluator.results).items():  # and that is what the loggers got
         assert float(trainer.callback_metrics[key]) == pytest.approx(value, rel=1e-6)
 
 
@@ -86,7 +91,7 @@ def test_rank_totals_are_summed_before_dividing():
     for evaluator, batch in zip(ranks, batches):
         evaluator.on_test_epoch_start()
         evaluator.test_step(batch, 0)
-    other = torch.stack([ranks[1]._sums[key] for key in sorted(ranks[1]._sums)])
+    other = ranks[1].totals()[1]
     logged = {}
     main = ranks[0]
     main._trainer = types.SimpleNamespace(world_size=2)
@@ -94,16 +99,20 @@ def test_rank_totals_are_summed_before_dividing():
     main.log_dict = lambda metrics, **kw: logged.update(metrics)
     main.on_test_epoch_end()
     check_results(main.results, per_item(m, batches, forwards.states))
-    assert set(logged) == set(main.results)
+    assert set(logged) == set(flat(main.results))
 
 
-def _ddp_results(tmp_path) -> dict[str, float]:
+def _ddp_results(tmp_path) -> dict[int, dict[str, float]]:
     evaluator = Evaluator(model(stochastic=False), SETTINGS)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.test(evaluator, DataLoader(items(6), batch_size=2), verbose=False)
     assert trainer.world_size == 2
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    results: dict[int, dict[str, float]] = {}
+    for key, value in trainer.callback_metrics.items():
+        name, k = key.removeprefix("eval/").rsplit("_k", 1)
+        results.setdefault(int(k), {})[name] = float(value)
+    return results
 
 
 def test_two_process_gloo_gather_gives_the_single_process_means(tmp_path):
@@ -114,4 +123,4 @@ def test_two_process_gloo_gather_gives_the_single_process_means(tmp_path):
     values = per_item(model(stochastic=False), [torch.stack(items(6))])
     check_results(results, values)
     # rank 0 alone (items 0, 2, 4) would give another value: the totals were really gathered
-    assert results["test/nelbo_k3"] != pytest.approx(values["nelbo_k3"][::2].mean().item(), rel=1e-6)
+    assert results[3]["nelbo"] != pytest.approx(values["nelbo_k3"][::2].mean().item(), rel=1e-6)

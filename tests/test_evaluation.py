@@ -12,8 +12,10 @@ from hydra.utils import instantiate
 
 from fusionvae.bn_readjust import batchnorm_layers, readjust_bn
 from fusionvae.distributions import Normal
-from fusionvae.evaluation import EvalSettings, draw_samples, evaluate_batch, importance_weighted, run_evaluation, sample_grid
+from fusionvae.evaluation import EvalSettings, evaluate_batch, importance_weighted, run_evaluation
 from fusionvae.lit_module import FusionVAEModule
+from fusionvae.objective import log_likelihood, split_views
+from fusionvae.sampling import draw, fusion_grid
 from tests.conftest import TINY, compose_cfg
 
 
@@ -67,7 +69,7 @@ def exact_nll(m, views, target, monkeypatch, points=4001, width=10.0):
     with monkeypatch.context() as patch:
         patch.setattr(Normal, "sample", grid_sample)
         out = m.net(views, None, repeats=points)
-    log_py = m.log_likelihood(out, target.repeat_interleave(points, 0)).view(b, points)
+    log_py = log_likelihood(out.likelihood, target.repeat_interleave(points, 0), m.hparams.crop).view(b, points)
     dz = seen["sigma"].view(b, points)[:, 0] * (u[1] - u[0])
     return -(torch.logsumexp(log_py + out.log_p.view(b, points), dim=1) + dz.log())
 
@@ -76,10 +78,10 @@ def exact_nll(m, views, target, monkeypatch, points=4001, width=10.0):
 def test_iw_nll_bounds_the_exact_nll_and_tightens_with_s(k, monkeypatch):
     m = one_dim_latent_model()
     items = fake_batch(3, views=1, size=2, seed=1)
-    exact = exact_nll(m, *m.split(items, k), monkeypatch)
+    exact = exact_nll(m, *split_views(items, k), monkeypatch)
     assert torch.isfinite(exact).all()
     repeats = 100  # independent estimates per item
-    views, target = m.split(items.repeat_interleave(repeats, 0), k)
+    views, target = split_views(items.repeat_interleave(repeats, 0), k)
     torch.manual_seed(1)
     gaps, errs = {}, {}
     for s in (1, 10, 100, 1000):
@@ -112,7 +114,7 @@ def test_iw_is_chunked_over_samples_with_repeats():
         return forward(views, target, t, repeats)
 
     m.net.forward = spy
-    views, target = m.split(fake_batch(2), 2)
+    views, target = split_views(fake_batch(2), 2)
     out = importance_weighted(m, views, target, samples=23, chunk=10)
     assert [c[1] for c in calls] == [10, 10, 3] and all(c[0] == 2 and c[2] for c in calls)
     assert out["iw_nll"].shape == (2,) and out["iw_nll"].dtype == torch.float32
@@ -122,10 +124,10 @@ def test_iw_is_chunked_over_samples_with_repeats():
 def test_deterministic_fcn_iw_nll_is_the_reconstruction_nll():
     m = tiny_module(stochastic=False).eval()
     batch = fake_batch(3)
-    views, target = m.split(batch, 1)
+    views, target = split_views(batch, 1)
     out = importance_weighted(m, views, target, samples=7, chunk=3)
     with torch.no_grad():
-        recon = -m.log_likelihood(m.net(views, target), target)
+        recon = -log_likelihood(m.net(views, target).likelihood, target, m.hparams.crop)
     torch.testing.assert_close(out["iw_nll"], recon, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(out["nelbo"], recon, rtol=1e-5, atol=1e-3)
     # evaluate_batch knows every draw is alike: one posterior pass and one prior pass suffice
@@ -140,7 +142,7 @@ def test_deterministic_fcn_iw_nll_is_the_reconstruction_nll():
 
 def test_evaluation_maths_stay_fp32_under_autocast():
     m = tiny_module().eval()
-    views, target = m.split(fake_batch(2), 3)
+    views, target = split_views(fake_batch(2), 3)
     torch.manual_seed(0)
     ref = importance_weighted(m, views, target, samples=4, chunk=4)["iw_nll"]
     torch.manual_seed(0)
@@ -157,10 +159,10 @@ def test_evaluate_batch_and_samples():
     assert set(out) == {"nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean"}
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in out.values())
     assert torch.all(out["mse_best"] <= out["mse_mean"]) and torch.all(out["psnr_best"] >= out["psnr_mean"])
-    samples = draw_samples(m, m.split(batch, 2)[0], 5, t=0.0, chunk=2)
+    samples = draw(m.net, split_views(batch, 2)[0], 5, t=0.0, decode="mean", chunk=2)
     assert samples.shape == (3, 5, 1, 32, 32)
     torch.testing.assert_close(samples[:, 0], samples[:, 4])  # t = 0, mean images: all alike
-    drawn = draw_samples(m, m.split(batch, 2)[0], 2, t=1.0, decode="sample")
+    drawn = draw(m.net, split_views(batch, 2)[0], 2, t=1.0, decode="sample")
     assert torch.all((drawn * 255 - (drawn * 255).round()).abs() < 1e-3)  # quantised samples
 
 
@@ -210,16 +212,18 @@ def test_bn_readjust_keeps_statistics_of_layers_it_never_reached():
     assert all(int(bn.num_batches_tracked) == 1 for bn in dec_bn)
 
 
-def test_sample_grid_layout_and_nan_check():
+def test_grid_layout_labels_and_nan_check():
     m = tiny_module().eval()
-    batch = fake_batch(2)
-    grid = sample_grid({0.0: m, 0.8: m, 1.0: m}, batch, 1, grid_samples=2)
-    # columns: 3 input slots, target, mean, 2 samples at t=0.8, 2 at t=1.0 -> 9 cells of 32 + 1 px
-    assert grid.shape == (3, 2 * 33 + 1, 9 * 33 + 1)
+    views, target = split_views(fake_batch(2), 1)
+    grid = fusion_grid({0.0: m.net, 0.8: m.net, 1.0: m.net}, views, target, 3, samples_per_t=2)
+    # columns: 3 input slots, target, mean, 2 samples at t=0.8, 2 at t=1.0 -> 9 cells of 32 px enlarged
+    # to 64 (+ 2 px padding), under a 14 px header of labels
+    assert grid.shape == (3, 14 + 2 * 66 + 2, 9 * 66 + 2)
+    assert torch.all(grid[:, 14 + 2 : 14 + 66, 2:66] != 0)  # an empty input slot is crossed out, not black
     with torch.no_grad():
         m.net.image_head[1].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        sample_grid({0.0: m}, batch, 1)
+    with pytest.raises(FloatingPointError, match="non-finite pixels in the K=1 grid"):
+        fusion_grid({0.0: m.net}, views, target, 3)
 
 
 # ---- evaluate.py's job --------------------------------------------------------------------------
@@ -233,20 +237,24 @@ def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
                                    "eval.bn_readjust_batches=2"])
     results = run_evaluation(cfg)
     saved = json.loads((out / "metrics.json").read_text())
+    assert [row["K"] for row in saved["per_k"]] == [0, 1, 2, 3] and sorted(results) == [0, 1, 2, 3]
     for k in range(4):
+        row, err = saved["per_k"][k], saved["stderr"][k]
         for name in ("nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean"):
-            key = f"test/{name}_k{k}"
-            assert math.isfinite(results[key]) and saved[key] == pytest.approx(results[key])
-        assert results[f"test/iw_nll_k{k}"] <= results[f"test/nelbo_k{k}"] + 1.0  # untrained: a wide gap
-        assert -1 <= results[f"test/ssim_mean_k{k}"] <= results[f"test/ssim_best_k{k}"] <= 1
+            assert math.isfinite(results[k][name]) and row[name] == pytest.approx(results[k][name])
+            assert err[name] >= 0 and math.isfinite(err[name])
+        assert results[k]["iw_nll"] <= results[k]["nelbo"] + 1.0  # untrained: a wide gap
+        assert -1 <= results[k]["ssim_mean"] <= results[k]["ssim_best"] <= 1
+    assert saved["items"] == 8 and saved["mean_over_k"]["nelbo"] == pytest.approx(
+        sum(results[k]["nelbo"] for k in range(4)) / 4)
     assert saved["units"] == "nats" and saved["model"]["name"] == "fusionvae" and saved["eval"]["iw_samples"] == 6
     assert saved["test_batches"] == 2
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["K"] for r in rows] == ["0", "1", "2", "3"]
-    assert float(rows[2]["iw_nll"]) == pytest.approx(results["test/iw_nll_k2"])
+    assert float(rows[2]["iw_nll"]) == pytest.approx(results[2]["iw_nll"])
     md = (out / "metrics.md").read_text()
-    assert "| K | NELBO (nats) | IW-NLL (nats) |" in md and md.count("\n| ") == 5
+    assert "| K | NELBO (nats) | IW-NLL (nats) |" in md and md.count("\n| ") == 5 and " ± " in md
     assert (out / "metrics_vs_k.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"grid_k{k}.png" for k in range(4)]
     logged = (out / "csv" / "version_0" / "metrics.csv").read_text()  # the loggers got the metrics too
-    assert "test/iw_nll_k3" in logged and "test/ssim_best_k0" in logged
+    assert "eval/iw_nll_k3" in logged and "eval/ssim_best_k0" in logged

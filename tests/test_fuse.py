@@ -12,7 +12,8 @@ from fusionvae.fuse import fuse, fuse_files, load_image, load_views, main
 from tests.conftest import ROOT
 from tests.test_evaluation import save_checkpoint, tiny_module
 
-CELL = 32 + 2  # image + grid padding
+CELL = 64 + 2  # a 32 px image enlarged to 64, + grid padding
+HEADER = 14  # the row of column labels
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def test_fuse_files_writes_inputs_mean_and_samples(ckpt, tmp_path, k):
     images = [write_png(tmp_path / f"v{i}.png", 32) for i in range(k)]
     out = tmp_path / "grid.png"
     result = fuse_files(ckpt, images, out, num_samples=5, temperature=0.8)
-    assert grid_size(out) == ((k + 1 + 5) * CELL + 2, CELL + 2)
+    # one row: the k_max = 3 input slots (missing views crossed out), the mean, 5 samples; 32 px
+    # images enlarged to 64, 2 px padding, a 14 px header of labels
+    assert grid_size(out) == ((3 + 1 + 5) * 66 + 2, 14 + 66 + 2)
     assert result.views.shape == (k, 1, 32, 32) and result.samples.shape == (5, 1, 32, 32)
     assert result.mean.shape == (1, 32, 32) and torch.isfinite(result.samples).all()
     assert not torch.equal(result.samples[0], result.samples[1])  # diverse samples
@@ -85,7 +88,7 @@ def test_cli(ckpt, tmp_path):
     images = [str(write_png(tmp_path / f"v{i}.png", 28)) for i in range(2)]
     out = tmp_path / "cli" / "grid.png"
     assert main(["--ckpt", str(ckpt), "--out", str(out), "--samples", "3", "--temperature", "0.6", *images]) == out
-    assert grid_size(out) == ((2 + 1 + 3) * CELL + 2, CELL + 2)
+    assert grid_size(out) == ((3 + 1 + 3) * CELL + 2, HEADER + CELL + 2)
     with pytest.raises(SystemExit, match=r"^2$") as exit_info:
         main(["--ckpt", str(ckpt), "--out", str(out), str(write_png(tmp_path / "big.png", 40))])
     assert exit_info.value.code == 2
@@ -97,4 +100,4 @@ def test_cli_as_a_module(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fusionvae.fuse", "--ckpt", str(ckpt), "--out", str(out),
                            "--samples", "2", "--decode", "mean"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert grid_size(out) == (3 * CELL + 2, CELL + 2)
+    assert grid_size(out) == ((3 + 1 + 2) * CELL + 2, HEADER + CELL + 2)

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.plugins.precision.amp import MixedPrecision
 from torch.utils.data import DataLoader
 
-from fusionvae.losses import balanced_kl, kl_balance_alpha
+from fusionvae.objective import balanced_kl, kl_balance_alpha
 from fusionvae.lit_module import FusionVAEModule
 from tests.test_network import TINY
 

@@ -2,7 +2,8 @@ import torch
 import torch.nn as nn
 
 from fusionvae.layers import WNConv2d
-from fusionvae.losses import balanced_kl, kl_balance_alpha, kl_warmup, warmup_cosine
+from fusionvae.objective import balanced_kl, kl_balance_alpha, kl_warmup
+from fusionvae.optim import warmup_cosine
 from fusionvae.regularizers import SpectralPenalty, batchnorm_penalty, power_iteration
 
 

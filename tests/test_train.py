@@ -47,7 +47,7 @@ def test_train_evaluate_resume(data_dir, tmp_path):
     results = run_evaluation(ev)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for k in range(4):
-        assert saved[f"test/nelbo_k{k}"] == pytest.approx(results[f"test/nelbo_k{k}"]) and results[f"test/nelbo_k{k}"] > 0
+        assert saved["per_k"][k]["nelbo"] == pytest.approx(results[k]["nelbo"]) and results[k]["nelbo"] > 0
 
     # resume: the second epoch continues from step 3 with the restored state
     train(cfg_for(data_dir, run, *SHORT, "trainer.max_epochs=2", f"ckpt_path={last}"))
