@@ -17,7 +17,8 @@ class FusionDataModule(L.LightningDataModule):
     training data are functions of (``seed``, epoch, sample index), so a resumed run sees the same
     batches as an uninterrupted one (``datamodules.sampling``); ``seed`` is the run's ``seed``.
 
-    ``channels`` and ``image_size`` are checked against the data; ``crop`` (border pixels left out
+    ``channels``, ``image_size`` and ``k_max`` are checked against the first item of each split
+    when its loader is made (``check_items``); ``crop`` (border pixels left out
     of reported likelihoods, e.g. 2 for MNIST padded 28 -> 32) and ``bits_per_dim`` (report in
     bits/dim rather than nats) are dataset facts the model config reads via interpolation.
     """
@@ -45,8 +46,8 @@ class FusionDataModule(L.LightningDataModule):
             raise ValueError(f"dataset.num_workers must be >= 0, got {num_workers}")
         if channels not in (1, 3):
             raise ValueError(f"dataset.channels must be 1 (grey) or 3 (RGB), got {channels}")
-        if image_size < 8 or image_size % 8:
-            raise ValueError(f"dataset.image_size must be a multiple of 8 (>= 8), got {image_size}")
+        if image_size < 1:  # the network checks that its down-sampling divides the size
+            raise ValueError(f"dataset.image_size must be >= 1, got {image_size}")
         if not 0 <= 2 * crop < image_size:
             raise ValueError(f"dataset.crop={crop} leaves no pixels of a {image_size}px image")
         self.channels = channels
@@ -63,20 +64,26 @@ class FusionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._checked: set[int] = set()  # datasets whose items passed check_items
 
-    def check_images(self, images, source: str) -> None:
-        """Raise a clear error when ``images [N, C, H, W]`` do not match the configured size."""
-        c, h, w = images.shape[-3:]
-        if (c, h, w) != (self.channels, self.image_size, self.image_size):
+    def check_items(self, dataset: Dataset, split: str) -> None:
+        """Raise one clear error when the items of ``dataset`` are not ``[k_max + 1, C, H, W]`` with
+        the configured channels and image size (checks the first item, once per split)."""
+        if id(dataset) in self._checked or len(dataset) == 0:
+            return
+        shape = tuple(dataset[0].shape)
+        expected = (self.k_max + 1, self.channels, self.image_size, self.image_size)
+        if shape != expected:
             raise ValueError(
-                f"{source}: images are {c}x{h}x{w} (CxHxW) but the config expects "
-                f"{self.channels}x{self.image_size}x{self.image_size}; fix dataset.channels / "
-                f"dataset.image_size or regenerate the data"
-            )
+                f"{type(self).__name__} {split} items are {list(shape)} ([views + target, C, H, W]) but the config "
+                f"expects {list(expected)}: fix dataset.k_max / dataset.channels / dataset.image_size or "
+                f"regenerate the data")
+        self._checked.add(id(dataset))
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split; call setup() first")
+        self.check_items(dataset, "training" if shuffle else "validation / test")
         sampler = None
         if shuffle:
             trainer = self.trainer  # None outside a Trainer: one process

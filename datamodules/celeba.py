@@ -47,11 +47,12 @@ class FusionCelebADataModule(FusionDataModule):
         val_seed: int = 0,
         flip: bool = True,
         workers: int | None = None,
+        channels: int = 3,
+        image_size: int = 64,
+        bits_per_dim: bool = True,
         **kwargs: Any,
     ):
-        kwargs.setdefault("channels", 3)
-        kwargs.setdefault("image_size", 64)
-        kwargs.setdefault("bits_per_dim", True)
+        kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(**kwargs)
         if self.channels != 3:
             raise ValueError(f"FusionCelebA is RGB: set dataset.channels=3 (got {self.channels})")

@@ -81,7 +81,7 @@ class FusionMNISTDataModule(FusionDataModule):
 
     ``pad`` zero pixels are added on each side (``image_size`` must be 28 + 2 pad, ``channels`` 1);
     each view shows ``n_ellipses`` windows with radius in [r_low, r_high), then Gaussian noise of
-    std ``noise_std`` on every pixel (``datamodules.corruption``). Other keyword arguments go to ``FusionDataModule`` (``crop`` defaults to ``pad``).
+    std ``noise_std`` on every pixel (``datamodules.corruption``). ``crop`` (2) leaves the padding out of reported likelihoods. Other keyword arguments go to ``FusionDataModule``.
     """
 
     def __init__(
@@ -94,10 +94,10 @@ class FusionMNISTDataModule(FusionDataModule):
         noise_std: float = 0.25,
         val_seed: int = 0,
         pad: int = 2,
+        crop: int = 2,
         **kwargs: Any,
     ):
-        kwargs.setdefault("crop", pad)
-        super().__init__(**kwargs)
+        super().__init__(crop=crop, **kwargs)
         if self.channels != 1:
             raise ValueError(f"FusionMNIST is grey-level: set dataset.channels=1 (got {self.channels})")
         if pad < 0 or self.image_size != MNIST_SIZE + 2 * pad:

@@ -238,10 +238,9 @@ class FusionCelebAOfficialDataModule(_OfficialDataModule):
     lmdbs = {"train": (CELEBA_LMDBS["train"], {}), "valid": (CELEBA_LMDBS["valid"], {"tiles": STORED_VIEWS + 1})}
 
     def __init__(self, official_dir: str, n_ellipses: int = 4, r_low: int = 0, r_high: int = 15,
-                 noise_std: float = 0.0, flip: bool = True, **kwargs: Any):
-        kwargs.setdefault("channels", 3)
-        kwargs.setdefault("image_size", 64)
-        kwargs.setdefault("bits_per_dim", True)
+                 noise_std: float = 0.0, flip: bool = True, channels: int = 3, image_size: int = 64,
+                 bits_per_dim: bool = True, **kwargs: Any):
+        kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(official_dir, **kwargs)
         if self.channels != 3:
             raise ValueError(f"FusionCelebA is RGB: set dataset.channels=3 (got {self.channels})")
@@ -279,10 +278,9 @@ class FusionTLessOfficialDataModule(_OfficialDataModule):
 
     def __init__(self, official_dir: str, n_occluders_low: int = 5, n_occluders_high: int = 8,
                  occluder_size: int = 50, scale_low: float = 0.9, scale_high: float = 1.1, max_shift: float = 4.0,
-                 max_rotation: float = 180.0, workers: int | None = None, **kwargs: Any):
-        kwargs.setdefault("channels", 1)
-        kwargs.setdefault("image_size", 64)
-        kwargs.setdefault("bits_per_dim", True)
+                 max_rotation: float = 180.0, workers: int | None = None, channels: int = 1, image_size: int = 64,
+                 bits_per_dim: bool = True, **kwargs: Any):
+        kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(official_dir, **kwargs)
         self.paste = PasteParams(n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high,
                                  max_shift, max_rotation)

@@ -82,11 +82,12 @@ class FusionTLessDataModule(FusionDataModule):
         max_shift: float = 4.0,
         max_rotation: float = 180.0,
         workers: int | None = None,
+        channels: int = 3,
+        image_size: int = 64,
+        bits_per_dim: bool = True,
         **kwargs: Any,
     ):
-        kwargs.setdefault("channels", 3)
-        kwargs.setdefault("image_size", 64)
-        kwargs.setdefault("bits_per_dim", True)
+        kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(**kwargs)
         self.data_dir = data_dir
         self.lmdb_dir = Path(lmdb_dir if lmdb_dir else Path(data_dir) / "fusion_tless_lmdb").expanduser().absolute()
