@@ -17,7 +17,8 @@ import torch
 from datamodules.batched import CorruptedImages
 from datamodules.base import FusionDataModule
 from datamodules.corruption import check_corruption
-from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps, to_tensor
+from datamodules.images import to_tensor
+from datamodules.lmdb_store import LMDBReader, remove_stale_temps, StoredStacks
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
 

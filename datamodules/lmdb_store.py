@@ -14,36 +14,31 @@ target path and requires the metadata record, so a left-over temp dir (a killed 
 taken for a valid LMDB; it can be deleted.
 
 Reading: ``LMDBReader`` opens its environment lazily, once per process (``readonly``,
-``lock=False``, ``readahead=False``, ``meminit=False``); py-lmdb refuses to open one environment
-twice in a process, so environments are cached per process and an environment inherited through
-``fork`` (DataLoader workers) is closed and reopened. Readers pickle without the environment, so
-they work with ``spawn`` workers and DDP.
+``lock=False``, ``readahead=False``, ``meminit=False``; ``datamodules.lmdb_env``), so readers
+pickle without it and work with ``spawn`` workers and DDP. The PNG tiles: ``datamodules.images``.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import numpy as np
 import torch
-from PIL import Image
 
 from datamodules.batched import BatchedDataset
-from datamodules.parallel import default_workers, parallel_map  # noqa: F401 (re-exported)
+from datamodules.images import decode_stack, to_tensor
+from datamodules.lmdb_env import close_env, open_env, resolve
 from datamodules.tempfiles import owner_tag, remove_stale
 
 META_KEY = b"__meta__"
 TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs: .<name>.tmp-<pid>-<host>-<hex>
 _COMMIT_EVERY = 512  # records per write transaction
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's "L" conversion
 
 log = logging.getLogger(__name__)
 
@@ -58,52 +53,6 @@ class LMDBRecordError(RuntimeError):
 
 def record_key(index: int) -> bytes:
     return b"%08d" % index
-
-
-# ----------------------------------------------------------------------------- PNG tiles
-
-
-def encode_stack(images: np.ndarray) -> bytes:
-    """PNG bytes of uint8 ``images [n, H, W, C]`` (C in 1, 3, 4) tiled vertically."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected uint8 images [n, H, W, C] with C in (1, 3, 4), got {images.dtype} {images.shape}")
-    n, h, w, c = images.shape
-    tile = images.reshape(n * h, w, c)
-    buf = io.BytesIO()
-    Image.fromarray(tile[..., 0] if c == 1 else tile).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_stack(data: bytes, shape: Sequence[int]) -> np.ndarray:
-    """uint8 ``[n, H, W, C]`` from PNG bytes written by ``encode_stack`` (ValueError if it is not that)."""
-    n, h, w, c = shape
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        tile = np.asarray(img)
-    if tile.ndim == 2:
-        tile = tile[..., None]
-    if tile.shape != (n * h, w, c) or tile.dtype != np.uint8:
-        raise ValueError(f"decoded {tile.dtype} tile {tile.shape}, expected uint8 {(n * h, w, c)}")
-    return tile.reshape(n, h, w, c)
-
-
-def to_tensor(images: np.ndarray, channels: int | None = None) -> torch.Tensor:
-    """Float ``[..., C, H, W]`` in [0, 1] from uint8 ``[..., H, W, C]``; RGB -> grey if ``channels`` is 1."""
-    x = torch.from_numpy(images).movedim(-1, -3).float().div_(255)
-    if channels == 1 and x.shape[-3] == 3:
-        x = quantize(luminance(x))
-    return x
-
-
-def luminance(rgb: torch.Tensor) -> torch.Tensor:
-    """Grey ``[..., 1, H, W]`` from ``rgb [..., 3, H, W]`` (BT.601 weights, as PIL's "L"; linear)."""
-    w = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
-    return (rgb * w).sum(dim=-3, keepdim=True)
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round [0, 1] values to the 8-bit grid k / 255 (what the discretised likelihood assumes)."""
-    return x.clamp(0, 1).mul_(255).round_().div_(255)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -137,50 +86,9 @@ def check_meta(stored: dict[str, Any], expected: dict[str, Any], path: str | Pat
 
 # ----------------------------------------------------------------------------- reading
 
-_ENVS: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}  # realpath -> (pid, file id, env)
-_ENVS_LOCK = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    global _ENVS_LOCK
-    _ENVS_LOCK = threading.Lock()  # another thread may have held it at fork time
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _open_env(path: str) -> lmdb.Environment:
-    """This process's read-only environment for ``path``: opened once per process, reopened in a
-    forked child (the inherited one is unusable there and py-lmdb refuses a second open) and when
-    the LMDB was replaced on disk (regenerated)."""
-    stat = os.stat(os.path.join(path, "data.mdb"))
-    file_id, pid = (stat.st_dev, stat.st_ino), os.getpid()
-    with _ENVS_LOCK:
-        entry = _ENVS.pop(path, None)
-        if entry is not None:
-            if entry[:2] == (pid, file_id):
-                _ENVS[path] = entry
-                return entry[2]
-            entry[2].close()
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
-        _ENVS[path] = (pid, file_id, env)
-        return env
-
-
-def _close_env(path: str) -> None:
-    with _ENVS_LOCK:
-        entry = _ENVS.pop(path, None)
-    if entry is not None:
-        entry[2].close()
-
-
-def _resolve(path: str | Path) -> Path:
-    return Path(os.path.realpath(Path(path).expanduser()))
-
-
 def read_meta(path: str | Path, hint: str = "") -> dict[str, Any]:
     """Metadata of the complete LMDB at ``path``; FileNotFoundError if absent, ValueError if unfinished."""
-    path = _resolve(path)
+    path = resolve(path)
     if TEMP_MARK in path.name:
         raise ValueError(f"{path} is an unfinished LMDB left by an interrupted run, not a dataset: delete it")
     if not (path / "data.mdb").is_file():
@@ -189,7 +97,7 @@ def read_meta(path: str | Path, hint: str = "") -> dict[str, Any]:
         if leftovers:
             extra += f" (unfinished {', '.join(leftovers)} in {path.parent} from an interrupted run can be deleted)"
         raise FileNotFoundError(f"LMDB not found: {path}{extra}")
-    with _open_env(str(path)).begin() as txn:
+    with open_env(str(path)).begin() as txn:
         raw = txn.get(META_KEY)
     if raw is None:
         raise ValueError(f"LMDB {path} has no metadata record (unfinished write?): delete it and generate it again")
@@ -213,7 +121,7 @@ class LMDBReader:
     """
 
     def __init__(self, path: str | Path, expected: dict[str, Any] | None = None, hint: str = ""):
-        self.path = _resolve(path)
+        self.path = resolve(path)
         self.hint = hint
         self.meta = read_meta(self.path, hint)
         if expected:
@@ -232,7 +140,7 @@ class LMDBReader:
         """uint8 ``[B, n, H, W, C]`` of the given records, read in one transaction."""
         indices = [int(i) for i in indices]
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        with _open_env(str(self.path)).begin(buffers=True) as txn:
+        with open_env(str(self.path)).begin(buffers=True) as txn:
             for row, index in enumerate(indices):
                 if not 0 <= index < self.count:
                     raise IndexError(f"LMDB {self.path}: index {index} out of range [0, {self.count})")
@@ -254,7 +162,7 @@ class LMDBReader:
 
     def close(self) -> None:
         """Close this process's environment (it is reopened on the next read)."""
-        _close_env(str(self.path))
+        close_env(str(self.path))
 
     def __getstate__(self) -> dict[str, Any]:
         return dict(self.__dict__)  # nothing process-bound: the environment lives in _ENVS
@@ -296,7 +204,7 @@ def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any])
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"LMDB metadata lacks {missing}")
-    path = _resolve(path)
+    path = resolve(path)
     if (path / "data.mdb").exists():
         raise FileExistsError(f"{path} already holds an LMDB; delete it to regenerate it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,9 +263,9 @@ def ensure_lmdb(
     An existing LMDB must match ``expected`` (else LMDBMetadataError naming the field and ``hint``);
     a new one gets ``expected`` plus ``extra`` (informational, not checked) as metadata.
     """
-    remove_stale_temps(_resolve(path).parent)
+    remove_stale_temps(resolve(path).parent)
     if is_complete(path):
-        check_meta(read_meta(path), expected, _resolve(path), hint)
+        check_meta(read_meta(path), expected, resolve(path), hint)
         return False
     write_lmdb(path, records(), {**(extra or {}), **_normalise(expected)})
     return True

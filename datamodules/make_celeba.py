@@ -31,7 +31,9 @@ import torch
 from PIL import Image
 
 from datamodules.corruption import make_stack
-from datamodules.lmdb_store import check_meta, encode_stack, ensure_lmdb, is_complete, parallel_map, read_meta
+from datamodules.images import encode_stack
+from datamodules.lmdb_store import check_meta, ensure_lmdb, is_complete, read_meta
+from datamodules.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 

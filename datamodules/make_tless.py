@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.lmdb_store import (LMDBReader, check_meta, encode_stack, ensure_lmdb, is_complete, parallel_map,
-                                    read_meta)
+from datamodules.images import encode_stack
+from datamodules.lmdb_store import LMDBReader, check_meta, ensure_lmdb, is_complete, read_meta
+from datamodules.parallel import parallel_map
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
 
 VERSION = 1  # bump when the stored content changes for the same settings

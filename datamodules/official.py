@@ -34,7 +34,9 @@ from PIL import Image
 from datamodules.base import FusionDataModule
 from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.corruption import check_corruption
-from datamodules.lmdb_store import LMDBRecordError, _close_env, _open_env, _resolve, to_tensor
+from datamodules.images import to_tensor
+from datamodules.lmdb_env import close_env, open_env, resolve
+from datamodules.lmdb_store import LMDBRecordError
 from datamodules.paste import PasteParams, load_occluder_bank
 from datamodules.tless import OccludedObjects
 
@@ -92,11 +94,11 @@ class OfficialLMDB:
 
     def __init__(self, path: Any, tiles: int | None = None, rgba: bool = False, reverse_channels: bool = True,
                  hint: str = ""):
-        self.path = _resolve(path)
+        self.path = resolve(path)
         if not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"official LMDB not found: {self.path} (no data.mdb there){hint}")
         self.tiles, self.rgba, self.reverse_channels = tiles, rgba, reverse_channels
-        env = _open_env(str(self.path))
+        env = open_env(str(self.path))
         self.count = int(env.stat()["entries"])
         if self.count == 0:
             raise LMDBRecordError(f"official LMDB {self.path} is empty")
@@ -140,7 +142,7 @@ class OfficialLMDB:
         """uint8 ``[B, tiles, H, W, C]`` of the given records, read in one transaction."""
         indices = [int(i) for i in indices]
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        with _open_env(str(self.path)).begin(buffers=True) as txn:
+        with open_env(str(self.path)).begin(buffers=True) as txn:
             for row, index in enumerate(indices):
                 if not 0 <= index < self.count:
                     raise IndexError(f"official LMDB {self.path}: index {index} out of range [0, {self.count})")
@@ -153,7 +155,7 @@ class OfficialLMDB:
 
     def close(self) -> None:
         """Close this process's environment (reopened on the next read)."""
-        _close_env(str(self.path))
+        close_env(str(self.path))
 
 
 class OfficialStacks(BatchedDataset):
@@ -189,7 +191,7 @@ class _OfficialDataModule(FusionDataModule):
         if self.k_max > STORED_VIEWS:
             raise ValueError(f"the official validation records hold {STORED_VIEWS} views: dataset.k_max must be "
                              f"<= {STORED_VIEWS}, got {self.k_max}")
-        self.official_dir = _resolve(official_dir)
+        self.official_dir = resolve(official_dir)
         self.reverse_channels = reverse_channels
         self._readers: dict[str, OfficialLMDB] = {}
 

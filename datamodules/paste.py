@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.lmdb_store import LMDBReader, luminance, parallel_map, quantize, to_tensor
+from datamodules.images import luminance, quantize, to_tensor
+from datamodules.lmdb_store import LMDBReader
+from datamodules.parallel import parallel_map
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
-from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps
+from datamodules.lmdb_store import LMDBReader, remove_stale_temps, StoredStacks
 from datamodules.make_tless import OCCLUDER_IDS, OBJECT_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
 from datamodules.sampling import split_keys

@@ -13,21 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.lmdb_store import (
-    META_KEY,
-    LMDBMetadataError,
-    LMDBReader,
-    LMDBRecordError,
-    StoredStacks,
-    decode_stack,
-    encode_stack,
-    ensure_lmdb,
-    is_complete,
-    parallel_map,
-    read_meta,
-    record_key,
-    write_lmdb,
-)
+from datamodules.images import decode_stack, encode_stack
+from datamodules.lmdb_store import (META_KEY, LMDBMetadataError, LMDBReader, LMDBRecordError, StoredStacks,
+                                    ensure_lmdb, is_complete, read_meta, record_key, write_lmdb)
+from datamodules.parallel import parallel_map
 
 
 def _meta(count: int, shape: list[int], **params) -> dict:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from datamodules.lmdb_store import LMDBReader, encode_stack, ensure_lmdb, is_complete
+from datamodules.images import encode_stack
+from datamodules.lmdb_store import ensure_lmdb, is_complete, LMDBReader
 from datamodules.tempfiles import HOST
 from fusionvae.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
 from fusionvae.errors import CheckpointError, FusionVAEError, TooManySkippedSteps, reported
@@ -188,7 +189,8 @@ def test_sigkill_during_checkpoint_write_leaves_only_a_stale_temp(tmp_path):
 KILLED_LMDB = """
 import sys, time, numpy as np
 from pathlib import Path
-from datamodules.lmdb_store import encode_stack, write_lmdb
+from datamodules.images import encode_stack
+from datamodules.lmdb_store import write_lmdb
 def records():
     yield encode_stack(np.zeros((1, 4, 4, 3), np.uint8))
     Path(sys.argv[2]).write_text("1")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.lmdb_store import LMDBRecordError, luminance, quantize
+from datamodules.images import luminance, quantize
+from datamodules.lmdb_store import LMDBRecordError
 from datamodules.official import (FusionCelebAOfficialDataModule, FusionTLessOfficialDataModule, OfficialLMDB,
                                   decode_png, premultiplied_rgba)
 from datamodules.paste import object_targets

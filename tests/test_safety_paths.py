@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, check_meta, encode_stack, ensure_lmdb, write_lmdb
+from datamodules.images import encode_stack
+from datamodules.lmdb_store import check_meta, ensure_lmdb, LMDBMetadataError, LMDBReader, write_lmdb
 from fusionvae.checkpoint_io import AtomicCheckpointIO
 from fusionvae.instantiate import build
 from tests.conftest import TINY, compose_cfg
