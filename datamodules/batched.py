@@ -25,16 +25,16 @@ class BatchedDataset(Dataset):
 class CorruptedImages(BatchedDataset):
     """``length`` clean images read by ``fetch(indices) -> float [B, C, H, W]`` in [0, 1]; every
     fetch flips them horizontally (p = 0.5) if ``flip`` and draws new corrupted views
-    (``make_stack`` with ``corruption``): items ``[views + 1, C, H, W]``.
+    (``make_stack`` with ``corruption``): items ``[k_max + 1, C, H, W]``.
 
     Keys from ``EpochSampler`` (``SampleKey``) draw each item's flip and views from its own
     generator, a function of (seed, epoch, index); plain indices draw from torch's global RNG."""
 
-    def __init__(self, fetch: Callable[[list[int]], torch.Tensor], length: int, views: int,
+    def __init__(self, fetch: Callable[[list[int]], torch.Tensor], length: int, k_max: int,
                  corruption: dict[str, Any], flip: bool = False):
         self.fetch = fetch
         self.length = length
-        self.views = views
+        self.k_max = k_max
         self.corruption = corruption
         self.flip = flip
 
@@ -49,10 +49,10 @@ class CorruptedImages(BatchedDataset):
         if self.flip:
             flip = (torch.rand(len(clean)) < 0.5).view(-1, 1, 1, 1)
             clean = torch.where(flip, clean.flip(-1), clean)
-        return list(make_stack(clean, self.views, **self.corruption).unbind(0))
+        return list(make_stack(clean, self.k_max, **self.corruption).unbind(0))
 
     def _item(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One item from its own generator: flip draw first, then the views."""
         if self.flip and bool(torch.rand((), generator=generator) < 0.5):
             image = image.flip(-1)
-        return make_stack(image.unsqueeze(0), self.views, generator=generator, **self.corruption)[0]
+        return make_stack(image.unsqueeze(0), self.k_max, generator=generator, **self.corruption)[0]

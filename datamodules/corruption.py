@@ -14,7 +14,7 @@ import torch
 
 def ellipse_masks(
     n: int,
-    views: int,
+    k_max: int,
     height: int,
     width: int,
     n_ellipses: int,
@@ -22,12 +22,12 @@ def ellipse_masks(
     r_high: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Boolean visibility masks ``[n, views, 1, height, width]``."""
+    """Boolean visibility masks ``[n, k_max, 1, height, width]``."""
     if r_high <= r_low:
         raise ValueError(f"ellipse radius range [r_low={r_low}, r_high={r_high}) is empty; need r_high > r_low")
     if min(height, width) < 4:
         raise ValueError(f"image {height}x{width} is too small for ellipse windows (need >= 4x4)")
-    shape = (n, views, n_ellipses, 1, 1)
+    shape = (n, k_max, n_ellipses, 1, 1)
     g = generator
     r = torch.randint(r_low, r_high, shape, generator=g).float()
     cx = torch.randint(1, height - 2, shape, generator=g).float()  # row centre (i)
@@ -35,34 +35,34 @@ def ellipse_masks(
     e = torch.rand(shape, generator=g) + 0.5
     i = torch.arange(height, dtype=torch.float32).view(height, 1)
     j = torch.arange(width, dtype=torch.float32).view(1, width)
-    dist2 = e * (i - cx) ** 2 + (j - cy) ** 2 / e  # [n, views, n_ellipses, H, W]
+    dist2 = e * (i - cx) ** 2 + (j - cy) ** 2 / e  # [n, k_max, n_ellipses, H, W]
     return (dist2 <= r * r).any(dim=2, keepdim=True)
 
 
 def corrupt(
     images: torch.Tensor,
-    views: int,
+    k_max: int,
     n_ellipses: int,
     r_low: int,
     r_high: int,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Corrupted views ``[N, views, C, H, W]`` of clean ``images [N, C, H, W]`` in [0, 1]."""
+    """``k_max`` corrupted views ``[N, k_max, C, H, W]`` of clean ``images [N, C, H, W]`` in [0, 1]."""
     if images.dim() != 4:
         raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
     n, _, h, w = images.shape
-    mask = ellipse_masks(n, views, h, w, n_ellipses, r_low, r_high, generator)
+    mask = ellipse_masks(n, k_max, h, w, n_ellipses, r_low, r_high, generator)
     out = images.unsqueeze(1) * mask
     if noise_std > 0:
-        noise = torch.randn((n, views, 1, h, w), generator=generator)
+        noise = torch.randn((n, k_max, 1, h, w), generator=generator)
         out = out.add_(noise_std * noise).clamp_(0.0, 1.0)
     return out
 
 
-def make_stack(images: torch.Tensor, views: int, generator: torch.Generator | None = None, **corruption) -> torch.Tensor:
-    """``[N, views + 1, C, H, W]``: ``views`` corrupted views followed by the clean target."""
-    noisy = corrupt(images, views, generator=generator, **corruption)
+def make_stack(images: torch.Tensor, k_max: int, generator: torch.Generator | None = None, **corruption) -> torch.Tensor:
+    """``[N, k_max + 1, C, H, W]``: ``k_max`` corrupted views followed by the clean target."""
+    noisy = corrupt(images, k_max, generator=generator, **corruption)
     return torch.cat([noisy, images.unsqueeze(1)], dim=1)
 
 

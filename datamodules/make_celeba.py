@@ -48,7 +48,7 @@ class CelebASpec:
     """Settings that determine the stored LMDBs (all of them are recorded in the metadata)."""
 
     image_size: int = 64
-    views: int = 3  # corrupted views per validation / test record (k_max)
+    k_max: int = 3  # corrupted views per validation / test record
     n_ellipses: int = 4
     r_low: int = 0
     r_high: int = 15
@@ -64,7 +64,7 @@ class CelebASpec:
         meta: dict[str, Any] = dict(
             kind=f"fusion_celeba/{split}",
             version=VERSION,
-            shape=[1 if clean else self.views + 1, self.image_size, self.image_size, 3],
+            shape=[1 if clean else self.k_max + 1, self.image_size, self.image_size, 3],
             channels=3,
             seed=None if clean else self.seed,
             params=dict(crop=list(CROP_BOX), resize="area", image_size=self.image_size,
@@ -143,7 +143,7 @@ def clean_record(path: str, spec: CelebASpec) -> bytes:
 def corrupted_record(task: tuple[int, str], spec: CelebASpec, split: str) -> bytes:
     index, path = task
     clean = torch.from_numpy(load_face(path, spec.image_size)).permute(2, 0, 1)[None].float().div_(255)
-    stack = make_stack(clean, spec.views, generator=record_generator(spec.seed, split, index), **spec.corruption())
+    stack = make_stack(clean, spec.k_max, generator=record_generator(spec.seed, split, index), **spec.corruption())
     return encode_stack(stack[0].mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the stored validation / test corruption")
     defaults = CelebASpec()
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--k-max", type=int, default=defaults.views, help="corrupted views per stored record")
+    parser.add_argument("--k-max", type=int, default=defaults.k_max, help="corrupted views per stored record")
     parser.add_argument("--n-ellipses", type=int, default=defaults.n_ellipses)
     parser.add_argument("--r-low", type=int, default=defaults.r_low)
     parser.add_argument("--r-high", type=int, default=defaults.r_high)

@@ -84,7 +84,7 @@ class ValSpec:
     """Settings of the fixed validation set."""
 
     image_size: int = 64
-    views: int = 3
+    k_max: int = 3  # occluded views per stored record
     seed: int = 0
     paste: PasteParams = field(default_factory=PasteParams)
 
@@ -92,7 +92,7 @@ class ValSpec:
         sources = {pool: pools.expected(pool) for pool in ("objects_val", "occluders")}
         params = dict(image_size=self.image_size, paste=asdict(self.paste), sources=sources)
         return dict(kind="fusion_tless/val", version=VERSION, count=pools.n_val, channels=3, seed=self.seed,
-                    shape=[self.views + 1, self.image_size, self.image_size, 3], params=params)
+                    shape=[self.k_max + 1, self.image_size, self.image_size, 3], params=params)
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def _val_records(out: Path, pools: PoolSpec, val: ValSpec, workers: int | None, 
     for start in range(0, len(objects), _VAL_CHUNK):
         rgba = objects.get_many(range(start, min(start + _VAL_CHUNK, len(objects))))[:, 0]
         target = object_targets(rgba, val.image_size, 3)
-        views, _ = compose_views(target, bank, val.views, val.paste, generator)
+        views, _ = compose_views(target, bank, val.k_max, val.paste, generator)
         stack = torch.cat([views, target.unsqueeze(1)], 1).mul_(255).round_().to(torch.uint8)
         yield from (encode_stack(s) for s in stack.permute(0, 1, 3, 4, 2).numpy())
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-seed", type=int, default=pools.split_seed)
     parser.add_argument("--val-seed", type=int, default=val.seed)
     parser.add_argument("--image-size", type=int, default=val.image_size)
-    parser.add_argument("--k-max", type=int, default=val.views)
+    parser.add_argument("--k-max", type=int, default=val.k_max)
     for name, value in asdict(paste).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--no-progress", action="store_true")

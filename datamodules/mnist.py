@@ -58,13 +58,13 @@ def scale_to_unit(images: torch.Tensor, indices: list[int]) -> torch.Tensor:
 class FixedCorruptedImages(BatchedDataset):
     """Clean uint8 images with corrupted views drawn once from ``seed`` and stored as uint8."""
 
-    def __init__(self, images: torch.Tensor, views: int, corruption: dict[str, Any], seed: int):
+    def __init__(self, images: torch.Tensor, k_max: int, corruption: dict[str, Any], seed: int):
         generator = torch.Generator().manual_seed(seed)
-        noisy = torch.empty((len(images), views, *images.shape[1:]), dtype=torch.uint8)
+        noisy = torch.empty((len(images), k_max, *images.shape[1:]), dtype=torch.uint8)
         for start in range(0, len(images), _FIXED_CHUNK):
             clean = images[start : start + _FIXED_CHUNK].float().div_(255)
-            views_f = corrupt(clean, views, generator=generator, **corruption)
-            noisy[start : start + _FIXED_CHUNK] = views_f.mul_(255).round_().to(torch.uint8)
+            views = corrupt(clean, k_max, generator=generator, **corruption)
+            noisy[start : start + _FIXED_CHUNK] = views.mul_(255).round_().to(torch.uint8)
         self.images = images
         self.noisy = noisy
 

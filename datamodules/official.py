@@ -159,18 +159,18 @@ class OfficialLMDB:
 
 
 class OfficialStacks(BatchedDataset):
-    """Stored ``[view 1, view 2, view 3, target]`` records as float ``[views + 1, C, H, W]`` in [0, 1]:
-    the LAST ``views`` views and the target, as ``FusionVAEModule.split`` takes the last K views."""
+    """Stored ``[view 1, view 2, view 3, target]`` records as float ``[k_max + 1, C, H, W]`` in [0, 1]:
+    the LAST ``k_max`` views and the target, as ``objective.split_views`` takes the last K views."""
 
-    def __init__(self, reader: OfficialLMDB, views: int, channels: int):
-        self.reader, self.views, self.channels = reader, views, channels
+    def __init__(self, reader: OfficialLMDB, k_max: int, channels: int):
+        self.reader, self.k_max, self.channels = reader, k_max, channels
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         stacks = self.reader.get_many(indices)
-        return list(to_tensor(stacks[:, STORED_VIEWS - self.views:], self.channels).unbind(0))
+        return list(to_tensor(stacks[:, STORED_VIEWS - self.k_max:], self.channels).unbind(0))
 
 
 def read_faces(reader: OfficialLMDB, indices: list[int]) -> torch.Tensor:

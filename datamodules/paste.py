@@ -110,12 +110,12 @@ def object_targets(rgba: np.ndarray, image_size: int, channels: int) -> torch.Te
 def compose_views(
     targets: torch.Tensor,
     bank: torch.Tensor,
-    views: int,
+    k_max: int,
     params: PasteParams,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``views`` occluded copies of each target ``[B, C, S, S]``: ``[B, views, C, S, S]`` on the
-    8-bit grid, plus the coverage ``[B, views, 1, S, S]``. ``bank``: uint8 ``[P, C + 1, s, s]``.
+    """``k_max`` occluded copies of each target ``[B, C, S, S]``: ``[B, k_max, C, S, S]`` on the
+    8-bit grid, plus the coverage ``[B, k_max, 1, S, S]``. ``bank``: uint8 ``[P, C + 1, s, s]``.
     ``generator``: one for the whole batch, or one per target (each target's placements come from
     its own generator; the pasting stays one batched call), or None for torch's global RNG."""
     b, c, s, _ = targets.shape
@@ -124,13 +124,13 @@ def compose_views(
     if isinstance(generator, (list, tuple)):
         if len(generator) != b:
             raise ValueError(f"{len(generator)} generators for {b} targets; give one per target")
-        parts = [draw_placements(views, len(bank), s, params, g) for g in generator]
+        parts = [draw_placements(k_max, len(bank), s, params, g) for g in generator]
         placements = Placements(*(torch.cat([getattr(p, f) for p in parts]) for f in ("index", "valid", "theta")))
     else:
-        placements = draw_placements(b * views, len(bank), s, params, generator)
-    background = targets.repeat_interleave(views, dim=0)  # [B * views, C, S, S], view-minor
+        placements = draw_placements(b * k_max, len(bank), s, params, generator)
+    background = targets.repeat_interleave(k_max, dim=0)  # [B * k_max, C, S, S], view-minor
     out, coverage = paste(background, bank, placements)
-    return quantize(out).view(b, views, c, s, s), coverage.view(b, views, 1, s, s)
+    return quantize(out).view(b, k_max, c, s, s), coverage.view(b, k_max, 1, s, s)
 
 
 def _bank_chunk(indices: range, reader: LMDBReader, size: int, channels: int) -> np.ndarray:

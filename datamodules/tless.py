@@ -25,12 +25,12 @@ from datamodules.sampling import split_keys
 
 
 class OccludedObjects(BatchedDataset):
-    """Object targets with ``views`` freshly occluded copies: ``[views + 1, C, S, S]`` per item."""
+    """Object targets with ``k_max`` freshly occluded copies: ``[k_max + 1, C, S, S]`` per item."""
 
-    def __init__(self, objects: LMDBReader, bank: torch.Tensor, views: int, image_size: int, paste: PasteParams):
+    def __init__(self, objects: LMDBReader, bank: torch.Tensor, k_max: int, image_size: int, paste: PasteParams):
         self.objects = objects
         self.bank = bank  # uint8 [P, C + 1, s, s]
-        self.views = views
+        self.k_max = k_max
         self.image_size = image_size
         self.paste = paste
 
@@ -44,7 +44,7 @@ class OccludedObjects(BatchedDataset):
         indices, generators = split_keys(keys)
         channels = self.bank.shape[1] - 1
         target = object_targets(self.objects.get_many(indices)[:, 0], self.image_size, channels)
-        views, _ = compose_views(target, self.bank, self.views, self.paste, generators)
+        views, _ = compose_views(target, self.bank, self.k_max, self.paste, generators)
         return list(torch.cat([views, target.unsqueeze(1)], dim=1).unbind(0))
 
 
