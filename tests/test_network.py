@@ -125,11 +125,11 @@ def test_deterministic_fcn_and_residual_posterior_and_skips():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(aggregation="median"), "unknown aggregation 'median'"),
-    (dict(skip="sum"), "unknown skip mode 'sum'"),
-    (dict(likelihood="gauss"), "unknown likelihood 'gauss'"),
+    (dict(aggregation="median"), r"unknown aggregation 'median'.*\(model.aggregation\)"),
+    (dict(skip="sum"), r"unknown skip mode 'sum'.*\(model.skip\)"),  # a key that exists (was model.net.skip)
+    (dict(likelihood="gauss"), r"unknown likelihood 'gauss'.*\(model.likelihood\)"),
     (dict(image_size=30), "must be divisible by"),
-    (dict(num_latent_per_group=0), "num_latent_per_group must be >= 1"),
+    (dict(num_latent_per_group=0), r"^model.num_latent_per_group must be >= 1"),  # was model.net.<size>
 ])
 def test_invalid_configs_fail_fast(kw, message):
     with pytest.raises(ValueError, match=message):
