@@ -162,6 +162,11 @@ class FusionVAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
+        state = checkpoint.get("state_dict", {})
+        if any(key.startswith("net.dec_cells.") for key in state):  # written before LatentGroup
+            # convs are ordered differently now: start the power iteration afresh (init_steps)
+            for key, value in self.spectral.state_dict().items():
+                state[f"spectral.{key}"] = torch.zeros_like(value) if key == "initialised" else value
 
     # ---- validation and test: one posterior draw per item ------------------------------------
     def _eval_step(self, batch: torch.Tensor, prefix: str) -> None:

@@ -192,3 +192,25 @@ def test_activation_checkpointing_changes_neither_values_nor_batch_norm_state():
         torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     for name, value in state_a.items():  # running stats updated once, not again in the recompute
         assert torch.equal(state_b[name], value), name
+
+
+def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteration(tmp_path):
+    import lightning as L
+
+    from fusionvae.lit_module import FusionVAEModule
+
+    old_names = {"cells": "dec_cells", "enc_proj": "enc_proj", "head": "heads", "prior_head": "prior_heads",
+                 "combiner": "combiners"}
+    module = FusionVAEModule(**TINY)
+    state = {}
+    for key, value in module.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] == ["net", "latent_groups"]:
+            key = ".".join(["net", old_names[parts[3]], parts[2], *parts[4:]])
+        state[key] = value
+    state["spectral.initialised"] = torch.tensor(True)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path)
+    loaded = FusionVAEModule.load_from_checkpoint(path)
+    assert torch.equal(loaded.net.latent_groups[1].head.weight, module.net.latent_groups[1].head.weight)
+    assert not bool(loaded.spectral.initialised)  # the u / v rows no longer match the conv order
