@@ -65,6 +65,16 @@ class FusionDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._checked: set[int] = set()  # datasets whose items passed check_items
+        self._readers: list = []  # LMDB readers opened by setup(); closed in teardown()
+
+    def track(self, reader):
+        """Register an LMDB reader so that ``teardown`` closes this process's environment."""
+        self._readers.append(reader)
+        return reader
+
+    def teardown(self, stage: str | None = None) -> None:
+        for reader in self._readers:
+            reader.close()
 
     def check_items(self, dataset: Dataset, split: str) -> None:
         """Raise one clear error when the items of ``dataset`` are not ``[k_max + 1, C, H, W]`` with

@@ -63,7 +63,6 @@ class FusionCelebADataModule(FusionDataModule):
         self.flip = flip
         self.workers = workers
         self.spec = CelebASpec(self.image_size, self.k_max, n_ellipses, r_low, r_high, noise_std, val_seed)
-        self._readers: list[LMDBReader] = []
 
     def prepare_data(self) -> None:
         """Build the missing LMDBs (rank zero only; idempotent, atomic), after deleting unfinished
@@ -74,8 +73,7 @@ class FusionCelebADataModule(FusionDataModule):
     def _reader(self, split: str) -> LMDBReader:
         hint = regenerate_hint(self.data_dir, self.lmdb_dir)
         reader = LMDBReader(self.lmdb_dir / split, self.spec.expected(split), hint)
-        self._readers.append(reader)
-        return reader
+        return self.track(reader)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -86,7 +84,3 @@ class FusionCelebADataModule(FusionDataModule):
             self.val_set = StoredStacks(self._reader("valid"))
         if stage in (None, "test") and self.test_set is None:
             self.test_set = StoredStacks(self._reader("test"))
-
-    def teardown(self, stage: str | None = None) -> None:
-        for reader in self._readers:
-            reader.close()

@@ -193,7 +193,7 @@ class _OfficialDataModule(FusionDataModule):
                              f"<= {STORED_VIEWS}, got {self.k_max}")
         self.official_dir = resolve(official_dir)
         self.reverse_channels = reverse_channels
-        self._readers: dict[str, OfficialLMDB] = {}
+        self._official: dict[str, OfficialLMDB] = {}
 
     def _hint(self) -> str:
         names = ", ".join(f"{folder}/" for folder, _ in self.lmdbs.values())
@@ -203,12 +203,12 @@ class _OfficialDataModule(FusionDataModule):
 
     def readers(self) -> dict[str, OfficialLMDB]:
         """The checked readers, opened once (cheap: counts, first / last key, record '0')."""
-        if not self._readers:
+        if not self._official:
             readers = {role: OfficialLMDB(self.official_dir / folder, reverse_channels=self.reverse_channels,
                                           hint=self._hint(), **kw) for role, (folder, kw) in self.lmdbs.items()}
             self.check(readers)
-            self._readers = readers
-        return self._readers
+            self._official = {role: self.track(reader) for role, reader in readers.items()}
+        return self._official
 
     def check(self, readers: dict[str, OfficialLMDB]) -> None:
         """Compare the data with the config; raise ValueError naming the LMDB and the config key."""
@@ -225,9 +225,6 @@ class _OfficialDataModule(FusionDataModule):
         """Nothing to build: check folders, counts and formats up front (rank zero)."""
         self.readers()
 
-    def teardown(self, stage: str | None = None) -> None:
-        for reader in self._readers.values():
-            reader.close()
 
 
 class FusionCelebAOfficialDataModule(_OfficialDataModule):

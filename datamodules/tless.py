@@ -98,7 +98,6 @@ class FusionTLessDataModule(FusionDataModule):
         self.paste = PasteParams(n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high,
                                  max_shift, max_rotation)
         self.val_spec = ValSpec(self.image_size, self.k_max, val_seed, self.paste)
-        self._readers: list[LMDBReader] = []
 
     def prepare_data(self) -> None:
         """Build the missing LMDBs (rank zero only; idempotent, atomic), after deleting unfinished
@@ -109,8 +108,7 @@ class FusionTLessDataModule(FusionDataModule):
 
     def _reader(self, name: str, expected: dict[str, Any]) -> LMDBReader:
         reader = LMDBReader(self.lmdb_dir / name, expected, regenerate_hint(self.lmdb_dir))
-        self._readers.append(reader)
-        return reader
+        return self.track(reader)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -120,7 +118,3 @@ class FusionTLessDataModule(FusionDataModule):
             self.train_set = OccludedObjects(objects, bank, self.k_max, self.image_size, self.paste)
         if self.val_set is None:  # validation and test use the fixed set
             self.val_set = StoredStacks(self._reader("val", self.val_spec.expected(self.pools)), self.channels)
-
-    def teardown(self, stage: str | None = None) -> None:
-        for reader in self._readers:
-            reader.close()
