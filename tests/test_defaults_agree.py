@@ -87,3 +87,17 @@ def test_celeba_and_tless_generator_specs():
     assert_agree(python_defaults(PasteParams), tless, "PasteParams vs dataset=tless")
     assert_agree(python_defaults(PoolSpec), tless, "PoolSpec vs dataset=tless",
                  {"occluder_size": "occluder_source_size"})
+
+
+@pytest.mark.parametrize("group, settings", [("optim", OptimSettings), ("loss", LossSettings)])
+def test_unknown_settings_are_refused_not_ignored(group, settings):
+    with pytest.raises(ValueError, match=rf"unknown setting\(s\) model\.{group}\.lrr; known: "):
+        settings.from_dict({"lrr": 1.0}, f"model.{group}")
+
+
+def test_no_file_cites_a_design_document_outside_the_repository():
+    root = CONF.parent
+    files = [*root.glob("fusionvae/*.py"), *root.glob("datamodules/*.py"), *root.glob("conf/**/*.yaml"),
+             *root.glob("docs/*.md"), *root.glob("scripts/*.py"), *root.glob("benchmarks/*"), root / "README.md"]
+    citing = [str(f.relative_to(root)) for f in files if "DESIGN.md" in f.read_text()]
+    assert citing == [], f"cite docs/design.md instead: {citing}"
