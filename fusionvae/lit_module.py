@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.sampling import mix
 
+from .compile import compile_network
 from .errors import TooManySkippedSteps
 from .network import FusionVAE
 from .objective import (LossSettings, Terms, compute_terms, kl_balance_alpha, kl_warmup, split_views, to_units,
@@ -34,6 +35,8 @@ class FusionVAEModule(L.LightningModule):
         crop: int = 0,
         bits_per_dim: bool = False,
         seed: int = 0,
+        compile: bool = False,
+        compile_mode: str = "default",
         **net,
     ):
         super().__init__()
@@ -52,6 +55,11 @@ class FusionVAEModule(L.LightningModule):
         self.consecutive_skips = 0  # saved in checkpoints by on_save_checkpoint
         self._saved_state: list[torch.Tensor] | None = None  # buffer copies, restored on a skipped step
         self.automatic_optimization = False
+
+    def configure_model(self) -> None:
+        """``model.compile``: torch.compile the network in place, once (``fusionvae.compile``)."""
+        if self.hparams.compile:
+            compile_network(self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max)
 
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:
