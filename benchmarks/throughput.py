@@ -1,75 +1,106 @@
-"""Training throughput (images/s) and peak memory of one model/dataset config.
+"""Training throughput, peak memory and ops per step of one model/dataset config: the real
+Lightning training step (objective, skip checks, optimiser, schedule, logging) on real batches.
 
-    python benchmarks/throughput.py [hydra overrides ...] [--steps 20 --warmup 3 --device cpu]
-e.g. FUSIONVAE_DATA_DIR=../shared/data python benchmarks/throughput.py dataset.batch_size=64
-Runs the real loss (random K per step, KL balancing, spectral + BN regularisers), backward and
-Adamax step on batches from the configured datamodule; reports images/s counted as
-batch items (each with up to 3 views + target).
+    python benchmarks/throughput.py [hydra overrides ...] [--k 3] [--steps 20 --warmup 3]
+                                    [--device cpu|cuda] [--precision 32|bf16]
+e.g. FUSIONVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/throughput.py dataset.batch_size=64
+
+Reports images/s (batch items, each with up to k_max views + target), ms/step, peak memory (the
+process's RSS on CPU, the CUDA allocator's peak on GPU) and the leaf ATen ops of one training
+batch (torch.profiler; on a GPU each is at least one kernel launch). The last line is JSON.
+``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fusionvae.objective import training_loss
+
+def leaf_aten_ops(prof) -> int:
+    """ATen ops with no ATen op below them: the work actually dispatched."""
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and not any(c.name.startswith("aten::") for c in e.cpu_children))
+
+
+class StepMeter(L.Callback):
+    """Times the training batches after ``warmup`` and profiles the last warm-up batch."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.times: list[float] = []
+        self.ops = 0
+        self._profiler = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync()
+        if batch_idx == self.warmup - 1:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.__enter__()
+        if batch_idx == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync()
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self.ops, self._profiler = leaf_aten_ops(self._profiler), None
+
+
+def build(overrides: list[str], k: int | None):
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp", "dataset.persistent_workers=false", *overrides])
+    dm, model = instantiate(cfg.dataset), instantiate(cfg.model)
+    if k is not None:
+        if not 0 <= k <= cfg.dataset.k_max:
+            raise SystemExit(f"--k must be in [0, {cfg.dataset.k_max}], got {k}")
+        model.draw_k = lambda: k  # every step fuses k views
+    return cfg, dm, model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--k", type=int, default=None, help="fixed number of input views (default: random per step)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     args, overrides = parser.parse_known_args()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.output_dir=/tmp", "dataset.persistent_workers=false", *overrides])
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = instantiate(cfg.model).to(args.device).train()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
-    loader = iter(dm.train_dataloader())
+    cfg, dm, model = build(overrides, args.k)
     device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step(batch: torch.Tensor) -> None:
-        k = model.draw_k()
-        model.train_batches += 1
-        with autocast:
-            loss = training_loss(model.terms(batch, k), model.kl_alpha, 0.5, model.loss_settings, model.regulariser())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    data_time = 0.0
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start, data_time = time.perf_counter(), 0.0
-        t0 = time.perf_counter()
-        batch = next(loader).to(device, non_blocking=True)
-        data_time += time.perf_counter() - t0
-        step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    n = args.steps * cfg.dataset.batch_size
-    params = sum(p.numel() for p in model.parameters())
-    peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (GPU)" if device.type == "cuda"
-            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)")
-    print(f"dataset={cfg.dataset._target_.rsplit('.', 1)[-1]} params={params / 1e6:.3f}M batch={cfg.dataset.batch_size} "
-          f"device={args.device} precision={args.precision} threads={torch.get_num_threads()}")
-    print(f"train: {n / elapsed:.1f} images/s ({elapsed / args.steps * 1000:.0f} ms/step, "
-          f"{data_time / elapsed * 100:.0f}% waiting for data), peak memory {peak}")
+    meter = StepMeter(max(1, args.warmup), device)
+    trainer = L.Trainer(accelerator=args.device, devices=1, precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+                        max_steps=meter.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[meter], default_root_dir="/tmp/fusionvae_benchmark")
+    trainer.fit(model, datamodule=dm)
+    step = sorted(meter.times)[len(meter.times) // 2]  # median
+    batch = cfg.dataset.batch_size
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    result = dict(dataset=cfg.dataset._target_.rsplit(".", 1)[-1], params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                  batch=batch, k=args.k, device=args.device, precision=args.precision, threads=torch.get_num_threads(),
+                  images_per_s=round(batch / step, 1), ms_per_step=round(step * 1000, 1),
+                  peak_mib=round(peak), peak_kind="cuda" if device.type == "cuda" else "rss", ops_per_step=meter.ops)
+    print(f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
+          f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
+          f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
