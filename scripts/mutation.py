@@ -43,6 +43,13 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "corruption": ("datamodules/corruption.py", ["tests/test_corruption.py"]),
     "lmdb_store": ("datamodules/lmdb_store.py", ["tests/test_lmdb_store.py", "tests/test_safety_paths.py"]),
     "checkpoint_io": ("fusionvae/checkpoint_io.py", ["tests/test_checkpoint_io.py", "tests/test_safety_paths.py"]),
+    "lmdb_env": ("datamodules/lmdb_env.py", ["tests/test_lmdb_store.py"]),
+    "objective": ("fusionvae/objective.py",
+                  ["tests/test_regularizers.py", "tests/test_objective_values.py", "tests/test_lit_module.py"]),
+    "optim": ("fusionvae/optim.py", ["tests/test_regularizers.py", "tests/test_objective_values.py"]),
+    "flat": ("fusionvae/flat.py", ["tests/test_flat.py", "tests/test_objective_values.py"]),
+    "lit_module": ("fusionvae/lit_module.py", ["tests/test_lit_module.py", "tests/test_objective_values.py"]),
+    "evaluation": ("fusionvae/evaluation.py", ["tests/test_eval_values.py", "tests/test_evaluation.py"]),
 }
 
 DETECTED = ("killed", "timeout")  # a mutant that makes the tests hang is detected, too
