@@ -42,7 +42,9 @@ class FusionVAEModule(L.LightningModule):
             raise ValueError(f"model.k_max must be >= 0 (number of input views), got {k_max}")
         if crop < 0:
             raise ValueError(f"model.crop must be >= 0, got {crop}")
-        self.save_hyperparameters()
+        # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses)
+        self.save_hyperparameters(dict(optim=optim, loss=loss, k_max=k_max, crop=crop, bits_per_dim=bits_per_dim,
+                                       seed=seed, **net))
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)
         self.net = FusionVAE(**net)
