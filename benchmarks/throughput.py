@@ -24,10 +24,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 
-def leaf_aten_ops(prof) -> int:
-    """ATen ops with no ATen op below them: the work actually dispatched."""
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and not any(c.name.startswith("aten::") for c in e.cpu_children))
+# leaf ops that launch no kernel: views, allocations and no-op conversions
+NO_KERNEL = {"aten::" + n for n in ("as_strided", "as_strided_", "view", "_unsafe_view", "_reshape_alias", "reshape",
+                                    "flatten", "unsqueeze", "squeeze", "permute", "t", "transpose", "expand", "slice",
+                                    "select", "split", "chunk", "unbind", "alias", "detach", "resolve_conj",
+                                    "resolve_neg", "empty", "empty_strided", "resize_", "to", "lift_fresh")}
+
+
+def leaf_aten_ops(prof) -> tuple[int, int]:
+    """ATen ops with no ATen op below them (the work actually dispatched), and those of them that
+    run a kernel (views and allocations left out)."""
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")
+             and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    return len(names), sum(1 for n in names if n not in NO_KERNEL)
 
 
 class StepMeter(L.Callback):
@@ -36,7 +45,7 @@ class StepMeter(L.Callback):
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
         self.times: list[float] = []
-        self.ops = 0
+        self.ops = self.kernel_ops = 0
         self._profiler = None
 
     def _sync(self) -> None:
@@ -58,7 +67,7 @@ class StepMeter(L.Callback):
             self.times.append(time.perf_counter() - self._start)
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
-            self.ops, self._profiler = leaf_aten_ops(self._profiler), None
+            (self.ops, self.kernel_ops), self._profiler = leaf_aten_ops(self._profiler), None
 
 
 def build(overrides: list[str], k: int | None):
@@ -96,10 +105,12 @@ def main() -> None:
     result = dict(dataset=cfg.dataset._target_.rsplit(".", 1)[-1], params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                   batch=batch, k=args.k, device=args.device, precision=args.precision, threads=torch.get_num_threads(),
                   images_per_s=round(batch / step, 1), ms_per_step=round(step * 1000, 1),
-                  peak_mib=round(peak), peak_kind="cuda" if device.type == "cuda" else "rss", ops_per_step=meter.ops)
+                  peak_mib=round(peak), peak_kind="cuda" if device.type == "cuda" else "rss", ops_per_step=meter.ops,
+                  kernel_ops_per_step=meter.kernel_ops)
     print(f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
           f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
-          f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step")
+          f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
+          f"({meter.kernel_ops} with a kernel)")
     print(json.dumps(result))
 
 

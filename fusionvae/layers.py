@@ -15,7 +15,9 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
 class WNConv2d(nn.Conv2d):
     """Conv2d with weight normalisation: ``w = exp(log_g) * v / ||v||`` per output channel.
 
-    ``normalized_weight()`` is also what the spectral regulariser penalises.
+    ``normalized_weight()`` is also what the spectral regulariser penalises; a training forward
+    keeps the ``w`` it computed (``last_weight``) so the regulariser reuses it instead of
+    normalising every weight again (``SpectralPenalty.start_step`` clears it each step).
     """
 
     def __init__(self, *args, **kwargs):
@@ -23,6 +25,7 @@ class WNConv2d(nn.Conv2d):
         with torch.no_grad():
             norm = self.weight.flatten(1).norm(dim=1).clamp_min(1e-5)
         self.log_g = nn.Parameter(norm.log().view(-1, 1, 1, 1))
+        self.last_weight: torch.Tensor | None = None
 
     def normalized_weight(self) -> torch.Tensor:
         v = self.weight
@@ -30,7 +33,10 @@ class WNConv2d(nn.Conv2d):
         return self.log_g.exp() * v / (norm + 1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        w = self.normalized_weight()
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.last_weight = w  # (under torch.compile the regulariser normalises again: no side effect)
+        return self._conv_forward(x, w, self.bias)
 
 
 def conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, bias: bool = True) -> WNConv2d:

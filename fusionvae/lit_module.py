@@ -14,6 +14,7 @@ from datamodules.sampling import mix
 
 from .compile import compile_network
 from .errors import TooManySkippedSteps
+from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
 from .network import FusionVAE
 from .objective import (LossSettings, Terms, compute_terms, kl_balance_alpha, kl_warmup, split_views, to_units,
                         training_loss)
@@ -44,7 +45,9 @@ class FusionVAEModule(L.LightningModule):
             raise ValueError(f"model.k_max must be >= 0 (number of input views), got {k_max}")
         if crop < 0:
             raise ValueError(f"model.crop must be >= 0, got {crop}")
-        self.save_hyperparameters()
+        # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses)
+        self.save_hyperparameters(dict(optim=optim, loss=loss, k_max=k_max, crop=crop, bits_per_dim=bits_per_dim,
+                                       seed=seed, compile=compile, compile_mode=compile_mode, **net))
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)
         self.net = FusionVAE(**net)
@@ -53,7 +56,9 @@ class FusionVAEModule(L.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
         self.consecutive_skips = 0  # saved in checkpoints by on_save_checkpoint
-        self._saved_state: list[torch.Tensor] | None = None  # buffer copies, restored on a skipped step
+        self._flat_params: torch.nn.Parameter | None = None  # backs every parameter and gradient
+        self._flat_state: list[torch.Tensor] = []  # back the buffers a forward pass may change
+        self._saved_state: list[torch.Tensor] = []  # their copies, restored on a skipped step
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
@@ -90,6 +95,7 @@ class FusionVAEModule(L.LightningModule):
         torch.manual_seed(mix(self.hparams.seed, int(self.train_batches), self.global_rank))
         self.train_batches += 1
         state = self._save_state()
+        self.spectral.start_step()
         terms = self.terms(batch, k)
         settings = self.loss_settings
         beta = kl_warmup(self.global_step, self.trainer.estimated_stepping_batches,
@@ -125,9 +131,9 @@ class FusionVAEModule(L.LightningModule):
         only. With a GradScaler (fp16) a non-finite gradient lowers the loss scale instead."""
         if not self._all_ranks(torch.isfinite(loss)):
             return None
-        opt.zero_grad(set_to_none=True)
+        self._zero_grad(opt)
         self.manual_backward(loss)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        grad_norm = self._grad_norm()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if not self._all_ranks(torch.isfinite(grad_norm)):
             if scaler is not None:  # records the inf, then backs the scale off (no step)
@@ -138,21 +144,33 @@ class FusionVAEModule(L.LightningModule):
         sched.step()
         return grad_norm / scaler.get_scale() if scaler is not None else grad_norm
 
+    def _zero_grad(self, opt) -> None:
+        if self._flat_params is None:  # an optimiser not from configure_optimizers
+            opt.zero_grad(set_to_none=True)
+        else:  # the gradients are views of one flat buffer: one op, and keep them linked
+            zero_gradients(self, self._flat_params)
+
+    def _grad_norm(self) -> torch.Tensor:
+        flat = self._flat_params
+        if flat is not None and is_flat(flat.grad, [p.grad for p in self.parameters()]):
+            return torch.linalg.vector_norm(flat.grad)  # one op over every gradient
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+
     def _save_state(self) -> list[torch.Tensor]:
         """Copy every buffer a forward pass may change (BN running stats and counts,
-        power-iteration u / v; not the skip / batch counters) into preallocated storage with one
-        multi-tensor copy; returns the live buffers for ``_skip``."""
+        power-iteration u / v; not the skip / batch counters), kept in one flat buffer per dtype,
+        so saving is a copy or two; returns those flat buffers for ``_skip``."""
         state = [b for name, b in self.named_buffers() if name not in ("skipped_steps", "train_batches")]
-        saved = self._saved_state
-        if saved is None or len(saved) != len(state) or saved[0].device != state[0].device:
-            saved = self._saved_state = [torch.empty_like(b) for b in state]
-        torch._foreach_copy_(saved, state)
-        return state
+        if not self._flat_state or not all(any(is_flat(f, [b]) for f in self._flat_state) for b in state):
+            self._flat_state = flat_buffers(state)
+            self._saved_state = [torch.empty_like(f) for f in self._flat_state]
+        torch._foreach_copy_(self._saved_state, self._flat_state)
+        return self._flat_state
 
     def _skip(self, state: list[torch.Tensor], opt) -> None:
         """Undo what the skipped forward pass changed; stop after too many skips in a row."""
         torch._foreach_copy_(state, self._saved_state)
-        opt.zero_grad(set_to_none=True)
+        self._zero_grad(opt)
         self.skipped_steps += 1
         self.consecutive_skips += 1
         limit = self.loss_settings.max_consecutive_skips
@@ -197,5 +215,7 @@ class FusionVAEModule(L.LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        return build_optimizer(self.parameters(), self.optim_settings, self.trainer.estimated_stepping_batches,
+        # the model is on its device by now; object.__setattr__: not a registered parameter of its own
+        object.__setattr__(self, "_flat_params", flat_parameters(self))
+        return build_optimizer([self._flat_params], self.optim_settings, self.trainer.estimated_stepping_batches,
                                epochs)

@@ -13,8 +13,8 @@ from .layers import WNConv2d
 def power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched power iteration on ``w [G, m, n]`` with unit vectors ``u [G, m]``, ``v [G, n]``."""
     for _ in range(steps):
-        v = F.normalize(torch.einsum("gmn,gm->gn", w, u), dim=1, eps=1e-3)
-        u = F.normalize(torch.einsum("gmn,gn->gm", w, v), dim=1, eps=1e-3)
+        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)  # w^T u
+        u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)  # w v
     return u, v
 
 
@@ -42,7 +42,15 @@ class SpectralPenalty(nn.Module):
 
     @staticmethod
     def _weights(convs: list[WNConv2d]) -> torch.Tensor:
-        return torch.stack([c.normalized_weight().flatten(1) for c in convs])
+        """``[G, out, in k k]``: this step's normalised weights, reused from the forward pass."""
+        return torch.stack([(c.last_weight if c.last_weight is not None else c.normalized_weight()).flatten(1)
+                            for c in convs])
+
+    def start_step(self) -> None:
+        """Forget the weights of the previous step's forward pass (call before each forward)."""
+        for convs in self.groups:
+            for conv in convs:
+                conv.last_weight = None
 
     def forward(self) -> torch.Tensor:
         steps = self.steps if bool(self.initialised) else self.init_steps
@@ -55,7 +63,7 @@ class SpectralPenalty(nn.Module):
                     u, v = power_iteration(w.detach(), u, v, steps)
                     getattr(self, f"u{i}").copy_(u)
                     getattr(self, f"v{i}").copy_(v)
-            total = total + torch.einsum("gm,gmn,gn->g", u, w, v).sum()
+            total = total + torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).sum()  # sum_g u_g^T w_g v_g
         if self.training:
             self.initialised.fill_(True)
         return total

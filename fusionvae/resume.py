@@ -126,3 +126,37 @@ def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
     args[where[-1]] = f"ckpt_path={_quote(str(ckpt))}"
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return [argv[0], *args, f"hydra.run.dir={_quote(str(run))}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
+
+
+def training_dataset(run: Path) -> tuple[str | None, list[str]]:
+    """The ``dataset`` choice of a training run and its ``dataset.*`` overrides (from ``.hydra``)."""
+    from omegaconf import OmegaConf
+
+    hydra_file, overrides_file = run / ".hydra" / "hydra.yaml", run / ".hydra" / "overrides.yaml"
+    choice = OmegaConf.load(hydra_file).hydra.runtime.choices.get("dataset") if hydra_file.is_file() else None
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    return choice, [str(o) for o in overrides if str(o).lstrip("+").startswith("dataset.")]
+
+
+def evaluate_on_training_dataset(argv: list[str], config_dir: Path) -> list[str]:
+    """``evaluate.py`` arguments that evaluate on the dataset (and its settings) the checkpoint was
+    trained on: ``dataset=<choice>`` and the run's ``dataset.*`` overrides go first, so the
+    command line can still change settings; a different ``dataset=`` is refused (SystemExit)."""
+    args = list(argv[1:])
+    where = [a for a in args if a.lstrip("+").startswith("ckpt_path=")]
+    if not where or any(a in ("-m", "--multirun") for a in args):
+        return list(argv)
+    value = where[-1].split("=", 1)[1].strip("'\"")
+    try:
+        ckpt = resolve_ckpt_path(value, *_compose_log_dir(args, config_dir)) if value == LAST else Path(value)
+    except Exception:  # evaluate.py reports it in one line
+        return list(argv)
+    run = run_dir_of(ckpt) if ckpt is not None else None
+    choice, settings = training_dataset(run) if run is not None else (None, [])
+    if choice is None:
+        return list(argv)
+    given = [a.split("=", 1)[1] for a in args if a.startswith("dataset=")]
+    if given and given[-1] != choice:
+        raise SystemExit(f"error: {ckpt} was trained on dataset={choice}; drop dataset={given[-1]} (evaluate.py "
+                         f"takes the dataset from the checkpoint's run) or evaluate a checkpoint trained on it")
+    return [argv[0], f"dataset={choice}", *settings, *[a for a in args if not a.startswith("dataset=")]]

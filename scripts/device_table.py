@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ["run", "compile", "batch", "K", "precision", "images/s", "ms/step", "peak MiB", "ATen ops/step",
+COLUMNS = ["run", "compile", "batch", "K", "precision", "images/s", "ms/step", "peak MiB", "ATen ops/step (kernels)",
            "vs eager", "wall s", "status"]
 
 
@@ -51,9 +51,12 @@ def table(records: list[dict], title: str | None = None) -> str:
         base = eager.get(r["label"]) if r.get("compile") else None
         speedup = f"{res['images_per_s'] / base:.2f}x" if base and res.get("images_per_s") else "–"
         k = res.get("k", r.get("k"))
+        ops = _fmt(res.get("ops_per_step"))
+        if res.get("kernel_ops_per_step") is not None:
+            ops += f" ({_fmt(res['kernel_ops_per_step'])})"
         cells = [r["label"], "yes" if r.get("compile") else "no", _fmt(res.get("batch")),
                  "random" if res and k is None else _fmt(k), _fmt(res.get("precision")), _fmt(res.get("images_per_s")),
-                 _fmt(res.get("ms_per_step")), _fmt(res.get("peak_mib")), _fmt(res.get("ops_per_step")), speedup,
+                 _fmt(res.get("ms_per_step")), _fmt(res.get("peak_mib")), ops, speedup,
                  _fmt(r.get("seconds"), 0), r.get("status", "?")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

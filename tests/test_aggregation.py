@@ -116,3 +116,24 @@ def test_aggregation_applies_the_parameterisation_first(mode):
     params = torch.randn(2, 3, 6, 2, 2) * 4
     mu, sigma = Normal.from_params(params, dim=2).params()
     torch.testing.assert_close(aggregate_params(params, mode).mu, aggregate(mu, sigma, mode).mu, atol=1e-5, rtol=1e-5)
+
+
+def test_bayes_official_with_several_latent_channels():
+    # [B, K, 2Z] with Z = 3: channels 0..2 are the means, 3..5 the log variances
+    params = torch.tensor([[[1.0, 2.0, -1.0, 0.0, 0.0, math.log(4.0)],
+                            [3.0, 2.0, 1.0, math.log(4.0), 0.0, 0.0]]])
+    out = aggregate_params(params, "bayes_official")
+    # per channel: gains 1/5, 1/2, 4/5 -> m = (1.4, 2, 0.6), v = (0.8, 0.5, 0.8)
+    expected = Normal.from_params(torch.tensor([[1.4, 2.0, 0.6, math.log(0.8), math.log(0.5), math.log(0.8)]]))
+    assert out.mu.shape == (1, 3)
+    torch.testing.assert_close(out.mu, expected.mu)
+    torch.testing.assert_close(out.sigma, expected.sigma)
+
+
+@pytest.mark.parametrize("mode", ["max", "mean"])
+def test_aggregate_features_values(mode):
+    x = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 0.5]]).view(1, 3, 2, 1, 1)  # [B, K=3, C=2, 1, 1]
+    out = aggregate_features(x, mode)
+    expected = {"max": [3.0, 4.0], "mean": [1.0, 2.5 / 3]}[mode]
+    assert out.shape == (1, 2, 1, 1)
+    torch.testing.assert_close(out.view(-1), torch.tensor(expected))

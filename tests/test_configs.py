@@ -106,3 +106,10 @@ def test_experiment_task_name_is_used(experiment):
     with_hydra = compose_cfg("train", [f"experiment={experiment}"], return_hydra_config=True)
     assert with_hydra.task_name == experiment
     assert f"/{experiment}/" in with_hydra.hydra.run.dir.replace("${task_name}", with_hydra.task_name) + "/"
+
+
+def test_none_options_disable_loggers_and_callbacks():
+    from fusionvae.instantiate import build_list
+
+    cfg = compose_cfg("train", ["logger=none", "callbacks=none"])
+    assert build_list(cfg.logger) == [] and build_list(cfg.callbacks) == []

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from datamodules.corruption import corrupt, ellipse_masks, make_stack
+from datamodules.corruption import check_corruption, corrupt, ellipse_masks, make_stack
 
 MNIST = dict(n_ellipses=2, r_low=5, r_high=10)
 
@@ -148,3 +148,57 @@ def test_visible_fraction_plausible_for_mnist() -> None:
     # Two windows of mean area ~pi * 51 px on 1024 px, minus overlap and clipping: about a quarter.
     assert 0.18 < per_view.mean() < 0.32
     assert per_view.min() > 0.05 and per_view.max() < 0.5
+
+
+def test_radius_zero_shows_exactly_the_centre_pixels() -> None:
+    n, views, k, h, w = 3, 2, 3, 12, 10
+    masks = ellipse_masks(n, views, h, w, k, 0, 1, _gen(12))
+    g, shape = _gen(12), (n, views, k)
+    torch.randint(0, 1, shape, generator=g)  # radius draw: always 0
+    cx, cy = torch.randint(1, h - 2, shape, generator=g), torch.randint(1, w - 2, shape, generator=g)
+    expected = torch.zeros(n, views, 1, h, w, dtype=torch.bool)
+    for a in range(n):
+        for v in range(views):
+            for e in range(k):
+                expected[a, v, 0, cx[a, v, e], cy[a, v, e]] = True
+    assert torch.equal(masks, expected)
+
+
+def test_smallest_allowed_image_is_4x4() -> None:
+    masks = ellipse_masks(2, 1, 4, 4, 1, 1, 3, _gen(13))
+    assert masks.shape == (2, 1, 1, 4, 4) and masks.any()
+    with pytest.raises(ValueError, match=r"^image 4x3 is too small for ellipse windows \(need >= 4x4\)$"):
+        ellipse_masks(1, 1, 4, 3, 1, 1, 3)
+
+
+def test_noise_free_views_draw_no_noise() -> None:
+    """noise_std 0 consumes only the mask draws: the next item's masks do not depend on it."""
+    images = torch.rand(4, 1, 32, 32)
+    g = _gen(14)
+    views = corrupt(images, 2, noise_std=0.0, generator=g, **MNIST)
+    ref = _gen(14)
+    masks = ellipse_masks(4, 2, 32, 32, generator=ref, **MNIST)
+    assert torch.equal(views, images.unsqueeze(1) * masks)
+    assert torch.equal(torch.rand(8, generator=g), torch.rand(8, generator=ref))
+
+
+def test_check_corruption_returns_the_corrupt_arguments() -> None:
+    assert check_corruption(1, 0, 1, 0.0) == dict(n_ellipses=1, r_low=0, r_high=1, noise_std=0.0)
+    assert check_corruption(2, 5, 10, 0.5) == dict(n_ellipses=2, r_low=5, r_high=10, noise_std=0.5)
+    views = corrupt(torch.rand(2, 1, 32, 32), 3, generator=_gen(15), **check_corruption(2, 5, 10, 0.25))
+    assert views.shape == (2, 3, 1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0, 5, 10, 0.1), r"^dataset\.n_ellipses must be >= 1, got 0$"),
+        ((2, -1, 10, 0.1), r"^need 0 <= dataset\.r_low < dataset\.r_high, got r_low=-1, r_high=10$"),
+        ((2, 5, 5, 0.1), r"^need 0 <= dataset\.r_low < dataset\.r_high, got r_low=5, r_high=5$"),
+        ((2, 6, 5, 0.1), r"^need 0 <= dataset\.r_low < dataset\.r_high, got r_low=6, r_high=5$"),
+        ((2, 5, 10, -0.1), r"^dataset\.noise_std must be >= 0, got -0\.1$"),
+    ],
+)
+def test_check_corruption_rejects_bad_settings(args, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_corruption(*args)

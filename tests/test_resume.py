@@ -136,3 +136,24 @@ def test_pasting_draws_each_item_from_its_own_generator():
     assert torch.equal(batch[2], alone[0])
     with pytest.raises(ValueError, match="2 generators for 3 targets"):
         compose_views(targets, bank, 3, params, gens(5, 6))
+
+
+def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
+    from fusionvae.resume import evaluate_on_training_dataset
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      dataset: celeba\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- dataset=celeba\n- dataset.lmdb_dir=/data/lmdb\n- seed=3\n")
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    argv = ["evaluate.py", f"ckpt_path={ckpt}", "dataset.val_batch_size=4"]
+    assert evaluate_on_training_dataset(argv, conf) == [
+        "evaluate.py", "dataset=celeba", "dataset.lmdb_dir=/data/lmdb", f"ckpt_path={ckpt}", "dataset.val_batch_size=4"]
+    assert evaluate_on_training_dataset([*argv, "dataset=celeba"], conf)[1] == "dataset=celeba"
+    with pytest.raises(SystemExit, match=r"was trained on dataset=celeba; drop dataset=mnist"):
+        evaluate_on_training_dataset([*argv, "dataset=mnist"], conf)
+    outside = tmp_path / "model.ckpt"  # not in a run folder: arguments unchanged
+    assert evaluate_on_training_dataset(["evaluate.py", f"ckpt_path={outside}"], conf) == ["evaluate.py", f"ckpt_path={outside}"]
