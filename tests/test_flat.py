@@ -79,3 +79,25 @@ def test_flatten_refuses_what_it_cannot_view():
         flatten([])
     with pytest.raises(ValueError, match="flatten needs a non-empty list of dense tensors"):
         flatten([torch.zeros(4, 4)[:, ::2]])
+
+
+def test_flatten_refuses_a_strided_four_dimensional_tensor_and_accepts_channels_last():
+    strided = torch.zeros(2, 3, 4, 6)[..., ::2]  # 4-D, neither contiguous nor channels_last
+    with pytest.raises(ValueError, match="flatten needs a non-empty list of dense tensors"):
+        flatten([strided])
+    nhwc = torch.arange(48.0).view(2, 2, 3, 4).to(memory_format=torch.channels_last)
+    flat = flatten([nhwc])
+    assert torch.equal(nhwc, torch.arange(48.0).view(2, 2, 3, 4)) and nhwc.stride() == (24, 1, 8, 2)
+    assert is_flat(flat, [nhwc])
+
+
+def test_zero_gradients_keeps_linked_gradients_without_relinking():
+    net = model()
+    flat = flat_parameters(net)
+    net(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    assert flat.grad.abs().sum() > 0
+    zero_gradients(net, flat)
+    # the same gradient tensors, zeroed in place: nothing relinked while every one is still in flat.grad
+    assert all(p.grad is g for p, g in zip(net.parameters(), grads))
+    assert torch.all(flat.grad == 0) and all(torch.all(g == 0) for g in grads)

@@ -1,0 +1,91 @@
+"""fusionvae.optim: settings parsing, the warm-up / cosine multiplier at its edges and the
+optimiser + scheduler that build_optimizer hands to Lightning."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from fusionvae.optim import OptimSettings, build_optimizer, warmup_cosine
+
+LR, LR_MIN = 1e-2, 1e-4
+
+
+def test_optim_settings_refuse_unknown_keys_naming_them_under_model_optim():
+    message = "unknown setting(s) model.optim.betas, model.optim.learning_rate; known: eps, lr, lr_min, warmup_epochs, weight_decay"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        OptimSettings.from_dict({"learning_rate": 1e-3, "betas": (0.9, 0.99), "lr": 1e-3})
+    assert OptimSettings.from_dict({"lr": 3e-3}) == OptimSettings(lr=3e-3)
+    assert OptimSettings.from_dict(None) == OptimSettings()
+
+
+def test_warmup_ends_at_warmup_steps_with_the_full_rate():
+    assert warmup_cosine(4, 5, 105, LR, LR_MIN) == 1.0  # last warm-up step: (4 + 1) / 5
+    assert warmup_cosine(5, 5, 105, LR, LR_MIN) == pytest.approx(1.0, rel=1e-12)  # cosine at progress 0
+    assert warmup_cosine(6, 5, 105, LR, LR_MIN) < 1.0
+
+
+def test_cosine_over_a_single_step_reaches_lr_min():
+    # total - warmup = 1: one step after the warm-up the cosine is done
+    assert warmup_cosine(5, 5, 6, LR, LR_MIN) == pytest.approx(1.0, rel=1e-12)
+    assert warmup_cosine(6, 5, 6, LR, LR_MIN) == pytest.approx(LR_MIN / LR, rel=1e-12)
+    assert warmup_cosine(7, 5, 6, LR, LR_MIN) == pytest.approx(LR_MIN / LR, rel=1e-12)
+
+
+def _param() -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros(3))
+
+
+def _lrs(sched, opt, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_build_optimizer_returns_foreach_adamax_with_the_settings_and_a_per_step_schedule():
+    settings = OptimSettings(lr=2e-2, lr_min=1e-3, eps=1e-3, weight_decay=3e-4, warmup_epochs=2)
+    p = _param()
+    result = build_optimizer([p], settings, total_steps=100, epochs=4)
+    opt, sched = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    assert result == {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    assert isinstance(opt, torch.optim.Adamax) and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    group = opt.param_groups[0]
+    assert group["params"] == [p] and group["foreach"] is True
+    assert (group["eps"], group["weight_decay"], group["initial_lr"]) == (1e-3, 3e-4, 2e-2)
+    # 2 of 4 epochs of 100 steps: a 50-step warm-up, then the cosine over the other 50
+    lrs = _lrs(sched, opt, 100)
+    assert lrs[0] == pytest.approx(2e-2 / 50, rel=1e-12) and lrs[49] == pytest.approx(2e-2, rel=1e-12)
+    assert lrs[75] == pytest.approx(1e-3 + 0.5 * (2e-2 - 1e-3) * (1 + math.cos(math.pi / 2)), rel=1e-12)
+
+
+def test_build_optimizer_eps_and_weight_decay_change_the_update():
+    # one Adamax step from x = 1 with gradient g = 1e-3: weight decay adds 0.5 * x, eps bounds the norm
+    p = _param()
+    with torch.no_grad():
+        p.fill_(1.0)
+    opt = build_optimizer([p], OptimSettings(lr=0.1, eps=1.0, weight_decay=0.5, warmup_epochs=0),
+                          total_steps=10, epochs=1)["optimizer"]
+    p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    g = 1e-3 + 0.5  # gradient with weight decay
+    m, u = (1 - 0.9) * g, max(0.0, g + 1.0)  # exp_avg, exp_inf = max(beta2 * 0, |g| + eps)
+    expected = 1.0 - 0.1 / (1 - 0.9) * m / u
+    torch.testing.assert_close(p.detach(), torch.full((3,), expected), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("warmup_epochs", "total_steps", "epochs", "first_lr"), [
+    (0, 10, 1, LR),  # no warm-up asked: a one-step warm-up starts at the full rate
+    (1, 1, 1, LR),  # one step in all: the warm-up is that step
+    (1, 0, 1, LR),  # no steps reported: treated as one
+    (1, 40, 0, LR / 40),  # zero epochs: treated as one
+    (0.5, 40, 2, LR / 10),  # 0.5 of 2 epochs of 40 steps
+])
+def test_build_optimizer_warmup_length(warmup_epochs, total_steps, epochs, first_lr):
+    settings = OptimSettings(lr=LR, lr_min=LR_MIN, warmup_epochs=warmup_epochs)
+    result = build_optimizer([_param()], settings, total_steps=total_steps, epochs=epochs)
+    assert result["optimizer"].param_groups[0]["lr"] == pytest.approx(first_lr, rel=1e-12)
