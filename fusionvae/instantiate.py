@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -17,6 +18,18 @@ def build_list(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
             else instantiate(node) for node in nodes]
 
 
+def resolve_precision(accelerator, precision):
+    """``trainer.precision=auto``: ``bf16-mixed`` when the run gets a CUDA GPU with native bf16
+    (Ampere and newer; ``accelerator`` auto, gpu or cuda), else ``32-true`` (the CPU, and older
+    GPUs: fp16 (16-mixed) would need loss scaling and its range is narrow for the KL and likelihood
+    terms, so it is not chosen for you; ``trainer.precision=16-mixed`` tries it). Any other value
+    is returned unchanged."""
+    if str(precision) != "auto":
+        return precision
+    cuda = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"
+
+
 def build(cfg: DictConfig, wandb_id: str | None = None):
     """Datamodule (training order and randomness from ``cfg.seed``), model and trainer."""
     L.seed_everything(cfg.seed, workers=True)
@@ -24,7 +37,8 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     model = instantiate(cfg.model) if "model" in cfg else None
     loggers = build_list(cfg.get("logger"), wandb_id)
     callbacks = build_list(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "auto"))
+    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.sampling import mix
 
+from .compile import compile_network
 from .errors import TooManySkippedSteps
 from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
 from .network import FusionVAE
@@ -35,6 +36,8 @@ class FusionVAEModule(L.LightningModule):
         crop: int = 0,
         bits_per_dim: bool = False,
         seed: int = 0,
+        compile: bool = False,
+        compile_mode: str = "default",
         **net,
     ):
         super().__init__()
@@ -44,7 +47,7 @@ class FusionVAEModule(L.LightningModule):
             raise ValueError(f"model.crop must be >= 0, got {crop}")
         # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses)
         self.save_hyperparameters(dict(optim=optim, loss=loss, k_max=k_max, crop=crop, bits_per_dim=bits_per_dim,
-                                       seed=seed, **net))
+                                       seed=seed, compile=compile, compile_mode=compile_mode, **net))
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)
         self.net = FusionVAE(**net)
@@ -57,6 +60,11 @@ class FusionVAEModule(L.LightningModule):
         self._flat_state: list[torch.Tensor] = []  # back the buffers a forward pass may change
         self._saved_state: list[torch.Tensor] = []  # their copies, restored on a skipped step
         self.automatic_optimization = False
+
+    def configure_model(self) -> None:
+        """``model.compile``: torch.compile the network in place, once (``fusionvae.compile``)."""
+        if self.hparams.compile:
+            compile_network(self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max)
 
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:

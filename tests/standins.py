@@ -2,6 +2,8 @@
 
 ``make_celeba(root)``: ``<root>/celeba/img_align_celeba/NNNNNN.jpg`` (178x218 RGB JPEGs with a
 face-like ellipse on a gradient) and ``<root>/celeba/list_eval_partition.txt``.
+``make_mnist(root)``: ``<root>/MNIST/raw/{train,t10k}-images-idx3-ubyte`` (28x28 grey rings and
+strokes; for timings on a machine without MNIST).
 ``make_tless(root)``: a BOP tree ``<root>/train_primesense/<obj 6 digits>/{rgb,mask_visib}/`` with
 ``scene_gt.json`` / ``scene_gt_info.json``; each image shows one coloured object on black.
 """
@@ -40,6 +42,26 @@ def make_celeba(root: str | Path, n_train: int = 24, n_valid: int = 8, n_test: i
         lines.append(f"{name} {split}")
     (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def make_mnist(root: str | Path, n_train: int = 60_000, n_test: int = 10_000, seed: int = 0) -> Path:
+    """Write MNIST-shaped idx image files (digit-like rings with a stroke) under ``root``; return ``root``."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:28, 0:28].astype(np.float32)
+    for name, n in (("train", n_train), ("t10k", n_test)):
+        parts = []
+        for start in range(0, n, 10_000):
+            m = min(10_000, n - start)
+            cx, cy, a, b = (rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32)
+                            for lo, hi in ((11, 17), (11, 17), (3, 7), (5, 9)))
+            ring = np.abs(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 - 1) < 0.45
+            stroke = (np.abs(x - cx - (y - cy) * rng.uniform(-0.5, 0.5, (m, 1, 1))) < 1.2) & (np.abs(y - cy) < b)
+            parts.append(np.where(ring | (stroke & (rng.random((m, 1, 1)) < 0.5)), 255, 0).astype(np.uint8))
+        header = np.array([0x0803, n, 28, 28], dtype=">u4").tobytes()
+        (raw / f"{name}-images-idx3-ubyte").write_bytes(header + np.concatenate(parts).tobytes())
+    return Path(root)
 
 
 def make_tless(

@@ -1,0 +1,102 @@
+"""Checks that need a CUDA GPU (``pytest -m gpu``; skipped without one; benchmarks/device_check.sh
+runs them): the default config picks the GPU and bf16, bf16 mixed precision keeps the
+distribution maths in fp32, ``model.compile=true`` (inductor, default and reduce-overhead) gives
+the eager values, and SyncBatchNorm under the DDP trainer (2 GPUs or more)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch._inductor.config  # noqa: F401 (monkeypatched below)
+from lightning.pytorch.accelerators import CUDAAccelerator
+from torch._dynamo.utils import counters
+
+from fusionvae.compile import is_compiled
+from fusionvae.instantiate import build
+from tests.conftest import TINY, compose_cfg
+from tests.test_train import SHORT, run_cli
+
+CUDA = torch.cuda.is_available()
+BF16 = CUDA and torch.cuda.is_bf16_supported(including_emulation=False)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+
+def cfg(data_dir, out, *overrides):
+    return compose_cfg("train", [*TINY, "debug=fdr", f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides])
+
+
+def fit(config):
+    datamodule, model, trainer = build(config)
+    trainer.fit(model, datamodule=datamodule)
+    return model, trainer, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("overrides", [["debug=fdr"], []], ids=["debug=fdr", "defaults"])
+def test_train_py_picks_the_gpu_and_bf16(tmp_path, overrides):
+    """What ``python train.py debug=fdr`` builds (no data is read): the GPU, bf16 where it exists."""
+    config = compose_cfg("train", [*overrides, "logger=csv", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    _, _, trainer = build(config)
+    assert isinstance(trainer.accelerator, CUDAAccelerator) and trainer.strategy.root_device.type == "cuda"
+    assert trainer.precision == ("bf16-mixed" if BF16 else "32-true")
+
+
+@pytest.mark.skipif(not BF16, reason="needs a GPU with native bf16")
+def test_bf16_fast_dev_run_keeps_the_distribution_maths_fp32(data_dir, tmp_path):
+    datamodule, model, trainer = build(cfg(data_dir, tmp_path))
+    assert trainer.precision == "bf16-mixed"
+    seen, convs = [], []
+    terms = model.terms
+
+    def recording_terms(batch, k):
+        out = terms(batch, k)
+        seen.append((k, out.nll.dtype, out.kl.dtype, torch.is_autocast_enabled("cuda")))
+        return out
+
+    model.terms = recording_terms
+    model.net.image_head.register_forward_hook(lambda m, i, out: convs.append((out.dtype, torch.is_autocast_enabled("cuda"))))
+    trainer.fit(model, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert len(seen) == 1 + 4  # one training batch, validation K = 0..3
+    assert all(nll == kl == torch.float32 and autocast for _, nll, kl, autocast in seen), seen
+    assert {dtype for dtype, autocast in convs if autocast} == {torch.bfloat16}  # the network ran in bf16
+    assert {dtype for dtype, autocast in convs if not autocast} <= {torch.float32}  # sampling for the grids: fp32
+    assert all(torch.isfinite(metrics[key]) for key in ["train/loss", "train/reg", "val/nelbo"])
+    assert model.device.type == "cuda" and int(model.skipped_steps) == 0
+
+
+# k_max=1: training + validation K = 0, 1 are 3 graphs to compile per mode (inductor takes a while)
+COMPILED = ["trainer.precision=32-true", "dataset.k_max=1"]
+
+
+@pytest.fixture(scope="module")
+def eager_fp32(data_dir, tmp_path_factory):
+    return fit(cfg(data_dir, tmp_path_factory.mktemp("eager"), *COMPILED))[2]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_on_cuda_matches_eager(data_dir, tmp_path, monkeypatch, eager_fp32, mode):
+    """Inductor (and CUDA graphs) on one training + one validation batch, fp32 so that the values
+    can be compared; ``fallback_random`` makes inductor draw the eager posterior noise."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    graphs = counters["stats"]["unique_graphs"]
+    model, trainer, metrics = fit(cfg(data_dir, tmp_path, *COMPILED, "model.compile=true", f"model.compile_mode={mode}"))
+    assert is_compiled(model.net) and model.net._fusionvae_compiled == (mode, "inductor")
+    assert counters["stats"]["unique_graphs"] - graphs == 3  # training (one K) + validation K = 0, 1
+    for key in ["train/loss", "train/nelbo", "val/nelbo_k0", "val/nelbo_k1"]:
+        assert metrics[key] == pytest.approx(eager_fp32[key], rel=2e-3), key
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_sync_batchnorm_under_the_ddp_trainer(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    run_cli([*TINY, "trainer=ddp", "trainer.devices=2", *SHORT, "dataset.batch_size=4", f"paths.data_dir={data_dir}",
+             f"hydra.run.dir={out}", "+callbacks.sync_probe._target_=tests.gpu_helpers.SyncBatchNormProbe"], tmp_path)
+    for rank in range(2):
+        info = json.loads((out / f"sync_batchnorm_rank{rank}.json").read_text())
+        assert info["sync"] > 0 and info["plain"] == 0 and info["world_size"] == 2, info
+        assert info["device"] == f"cuda:{rank}"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
