@@ -38,7 +38,12 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     loggers = build_list(cfg.get("logger"), wandb_id)
     callbacks = build_list(cfg.get("callbacks"))
     precision = resolve_precision(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "auto"))
-    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False)
+    # Lightning refuses gradient_clip_val under manual optimisation: the module's step clips instead
+    clip = cfg.trainer.get("gradient_clip_val")
+    if model is not None and clip:
+        model.gradient_clip_val = float(clip)
+    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False,
+                          gradient_clip_val=None)
     return datamodule, model, trainer
 
 

@@ -59,6 +59,7 @@ class FusionVAEModule(L.LightningModule):
         self._flat_params: torch.nn.Parameter | None = None  # backs every parameter and gradient
         self._flat_state: list[torch.Tensor] = []  # back the buffers a forward pass may change
         self._saved_state: list[torch.Tensor] = []  # their copies, restored on a skipped step
+        self.gradient_clip_val: float | None = None  # trainer.gradient_clip_val, set by instantiate.build
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
@@ -140,9 +141,24 @@ class FusionVAEModule(L.LightningModule):
                 scaler.unscale_(opt.optimizer)
                 scaler.update()
             return None
+        if scaler is not None:
+            scaler.unscale_(opt.optimizer)  # clip and report the true gradient norm
+            grad_norm = self._grad_norm()
+        self._clip(grad_norm)
         opt.step()
         sched.step()
-        return grad_norm / scaler.get_scale() if scaler is not None else grad_norm
+        return grad_norm
+
+    def _clip(self, grad_norm: torch.Tensor) -> None:
+        """Scale all gradients to norm ``gradient_clip_val`` when above it (``trainer.gradient_clip_val``;
+        Lightning's own clipping is not available under manual optimisation)."""
+        if not self.gradient_clip_val:
+            return
+        scale = (self.gradient_clip_val / (grad_norm + 1e-6)).clamp(max=1.0)
+        if self._flat_params is not None:
+            self._flat_params.grad.mul_(scale)  # one op for every gradient
+        else:
+            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None], scale)
 
     def _zero_grad(self, opt) -> None:
         if self._flat_params is None:  # an optimiser not from configure_optimizers

@@ -19,7 +19,8 @@ from .network import FusionVAE
 LAST = "last"  # ckpt_path=last: the newest <log_dir>/<task_name>/runs/*/checkpoints/last.ckpt
 NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 # model keys that may change on resume: they do not change the weights' shapes or meaning
-_NOT_ARCHITECTURE = {"_target_", "_convert_", "optim", "loss", "seed", "channels_last", "compile", "compile_mode"}
+_NOT_ARCHITECTURE = {"_target_", "_convert_", "optim", "loss", "seed", "channels_last", "compile", "compile_mode",
+                     "activation_checkpointing"}
 
 
 def resolve_ckpt_path(value: Any, log_dir: str | Path, task_name: str) -> Path | None:

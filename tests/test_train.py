@@ -113,3 +113,25 @@ def test_two_process_cpu_ddp(data_dir, tmp_path):
     assert ckpt["global_step"] == 3
     assert "val/nelbo" in (out / "csv" / "version_0" / "metrics.csv").read_text()
     assert "Traceback" not in proc.stderr
+
+
+def test_gradient_clip_val_is_honoured_by_the_manual_step(data_dir, tmp_path):
+    """Lightning refuses trainer.gradient_clip_val under manual optimisation; the module clips."""
+    import lightning as L
+
+    from fusionvae.instantiate import build
+
+    cfg = cfg_for(data_dir, tmp_path, *SHORT, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.gradient_clip_val=0.5")
+    datamodule, model, trainer = build(cfg)
+    assert trainer.gradient_clip_val is None and model.gradient_clip_val == 0.5
+
+    norms = []
+
+    class Clipped(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms.append(float(torch.linalg.vector_norm(pl_module._flat_params.grad)))
+
+    trainer.callbacks.append(Clipped())
+    trainer.fit(model, datamodule=datamodule)
+    assert len(norms) == 2 and all(n == pytest.approx(0.5, rel=1e-4) for n in norms)  # untrained: norms far above 0.5
