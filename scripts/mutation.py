@@ -50,8 +50,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "optim": ("fusionvae/optim.py",
               ["tests/test_optim.py", "tests/test_regularizers.py", "tests/test_objective_values.py"]),
     "flat": ("fusionvae/flat.py", ["tests/test_flat.py", "tests/test_objective_values.py"]),
-    "lit_module": ("fusionvae/lit_module.py", ["tests/test_lit_module.py", "tests/test_objective_values.py"]),
-    "evaluation": ("fusionvae/evaluation.py", ["tests/test_eval_values.py", "tests/test_evaluation.py"]),
+    "lit_module": ("fusionvae/lit_module.py", ["tests/test_lit_module.py", "tests/test_objective_values.py",
+                                              "tests/test_lit_module_mutants.py"]),
+    "evaluation": ("fusionvae/evaluation.py", ["tests/test_eval_values.py", "tests/test_evaluation.py",
+                                              "tests/test_evaluation_mutants.py"]),
 }
 
 DETECTED = ("killed", "timeout")  # a mutant that makes the tests hang is detected, too
