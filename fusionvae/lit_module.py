@@ -141,10 +141,9 @@ class FusionVAEModule(L.LightningModule):
                 scaler.unscale_(opt.optimizer)
                 scaler.update()
             return None
-        if scaler is not None:
-            scaler.unscale_(opt.optimizer)  # clip and report the true gradient norm
-            grad_norm = self._grad_norm()
-        self._clip(grad_norm)
+        if scaler is not None:  # the gradients are scaled; Lightning unscales them in opt.step()
+            grad_norm = grad_norm / scaler.get_scale()
+        self._clip(grad_norm)  # a factor on the (scaled) gradients: the same either way
         opt.step()
         sched.step()
         return grad_norm
