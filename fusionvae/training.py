@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from .errors import Preempted
 from .instantiate import build, finish
 from .resume import check_dataset, check_model, read_checkpoint, resolve_ckpt_path
+from .run_log import log_end, log_start
 
 
 def resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -31,10 +32,13 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path, wandb_id = resume_from(cfg)
     datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
     try:
+        if trainer.is_global_zero:
+            log_start(cfg, trainer, model)
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning's own handler stopped the run (before RunGuard's took over)
             raise Preempted(signal.SIGTERM, trainer.global_step, None) from None
+        log_end(trainer)
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path="best")
         return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -135,3 +135,27 @@ def test_gradient_clip_val_is_honoured_by_the_manual_step(data_dir, tmp_path):
     trainer.callbacks.append(Clipped())
     trainer.fit(model, datamodule=datamodule)
     assert len(norms) == 2 and all(n == pytest.approx(0.5, rel=1e-4) for n in norms)  # untrained: norms far above 0.5
+
+
+def test_run_logs_its_config_and_reports_directory_and_best_checkpoint(data_dir, tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    with caplog.at_level(logging.INFO, logger="fusionvae"):
+        train(cfg_for(data_dir, tmp_path, *SHORT))
+    hparams = yaml.safe_load((tmp_path / "csv" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["dataset"]["noise_std"] == 0.25 and hparams["dataset"]["n_ellipses"] == 2
+    assert hparams["dataset"]["batch_size"] == 8 and hparams["trainer"]["precision"] == "32-true"
+    assert hparams["trainer"]["accelerator"] == "CPUAccelerator" and hparams["seed"] == 42
+    assert hparams["params"]["total"] == sum(p.numel() for p in instantiate_model(data_dir, tmp_path).parameters())
+    text = caplog.text
+    assert f"run directory: {tmp_path}" in text
+    assert "best val/nelbo " in text and str(tmp_path / "checkpoints" / "epoch000.ckpt") in text
+    assert "val/nelbo " in text.splitlines()[-1]  # the per-K table closes the run
+
+
+def instantiate_model(data_dir, tmp_path):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg_for(data_dir, tmp_path, *SHORT).model)
