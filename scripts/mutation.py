@@ -149,6 +149,22 @@ def print_table(rows: dict[str, dict]) -> None:
         print(f"{MODULES[name][0]:<30}" + "".join(cells))
 
 
+def run_module(name: str, workdir: Path, table: dict, env: dict, max_children: int) -> tuple[int, float]:
+    """One mutmut run for module ``name`` in ``workdir``; its exit code and wall time."""
+    module, tests = MODULES[name]
+    prepare(workdir, table, module, tests)
+    print(f"{name}: mutating {module}, tests {' '.join(tests)} (log: {workdir / 'mutmut.log'})", flush=True)
+    start = time.monotonic()
+    with open(workdir / "mutmut.log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
+    print(f"{name}: mutmut exited {rc} after {seconds:.0f} s", flush=True)
+    if rc != 0:
+        print((workdir / "mutmut.log").read_text("utf-8", "replace")[-3000:])
+    return rc, seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES))
@@ -170,16 +186,8 @@ def main() -> int:
             missing = [t for t in tests if not (ROOT / t.split("::")[0]).exists()]
             if missing:
                 sys.exit(f"{name}: test files {missing} do not exist")
-            prepare(workdir, table, module, tests)
-            print(f"{name}: mutating {module}, tests {' '.join(tests)} (log: {workdir / 'mutmut.log'})", flush=True)
-            start = time.monotonic()
-            with open(workdir / "mutmut.log", "w") as log:
-                rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                                     cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-            seconds[name] = time.monotonic() - start
-            print(f"{name}: mutmut exited {rc} after {seconds[name]:.0f} s", flush=True)
+            rc, seconds[name] = run_module(name, workdir, table, env, args.max_children)
             if rc != 0:
-                print((workdir / "mutmut.log").read_text("utf-8", "replace")[-3000:])
                 return rc
         status = results(workdir, module)
         rows[name] = summarise(status, equivalent)
