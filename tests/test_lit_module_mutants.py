@@ -1,0 +1,440 @@
+"""Direct tests of FusionVAEModule's wiring (hparams, skip policy, logging, checkpoint hooks,
+optimiser) with small fakes in place of a Trainer; written against the mutants of lit_module.py."""
+import types
+
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from datamodules.sampling import mix
+from fusionvae.errors import TooManySkippedSteps
+from fusionvae.flat import is_flat
+from fusionvae.lit_module import FusionVAEModule
+from fusionvae.objective import kl_warmup, training_loss
+from fusionvae.regularizers import batchnorm_penalty
+from tests.test_network import TINY
+
+
+def module(**kw) -> FusionVAEModule:
+    torch.manual_seed(0)
+    return FusionVAEModule(**{**TINY, **kw})
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+class FakeScaler:
+    def __init__(self, scale):
+        self.scale, self.events = scale, []
+
+    def get_scale(self):
+        return self.scale
+
+    def unscale_(self, opt):
+        self.events.append(("unscale", opt))
+
+    def update(self):
+        self.events.append("update")
+
+
+def attach(m, *, max_epochs=2, total=100, rank=0, step=0, scaler=None, ckpt_cb=None, loggers=(), decisions=None):
+    """A SimpleNamespace trainer; ``decisions`` records the reduce_boolean_decision calls."""
+    decisions = [] if decisions is None else decisions
+
+    def reduce_boolean_decision(decision, **kw):
+        decisions.append((decision, kw))
+        return decision
+
+    m._trainer = types.SimpleNamespace(
+        max_epochs=max_epochs, estimated_stepping_batches=total, global_rank=rank, global_step=step,
+        strategy=types.SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+        precision_plugin=types.SimpleNamespace(scaler=scaler) if scaler else types.SimpleNamespace(),
+        checkpoint_callback=ckpt_cb, loggers=list(loggers))
+    m.log, m.log_dict = Recorder(), Recorder()
+    m.manual_backward = lambda loss: loss.backward()
+    return decisions
+
+
+def with_optimizer(m, flat=True):
+    if flat:
+        conf = m.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    else:
+        opt = torch.optim.Adamax(m.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m.optimizers, m.lr_schedulers = (lambda: opt), (lambda: sched)
+    return opt, sched
+
+
+def batch(b=3, views=4, nan=False):
+    x = torch.rand(b, views, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    if nan:
+        x[:, -1] = float("nan")
+    return x
+
+
+# ---- construction ---------------------------------------------------------------------------------
+def test_init_checks_and_hparams():
+    with pytest.raises(ValueError, match=r"^model\.crop must be >= 0, got -1$"):
+        module(crop=-1)
+    with pytest.raises(ValueError, match=r"^model\.k_max must be >= 0 \(number of input views\), got -2$"):
+        module(k_max=-2)
+    assert module(k_max=0).hparams.k_max == 0
+    m = FusionVAEModule(**TINY)
+    assert dict(m.hparams) == dict(optim=None, loss=None, k_max=3, crop=0, bits_per_dim=False, seed=0, compile=False,
+                                  compile_mode="default", **TINY)
+    m = module(optim={"lr": 0.5}, loss={"power_iter_init": 7, "power_iter": 3})
+    assert m.hparams.optim == {"lr": 0.5} and m.hparams.loss == {"power_iter_init": 7, "power_iter": 3}
+    assert (m.spectral.init_steps, m.spectral.steps) == (7, 3)
+    assert m.optim_settings.lr == 0.5
+
+
+def test_init_buffers_and_state():
+    m = module()
+    sd = m.state_dict()
+    assert "kl_alpha" not in sd and "kl_alpha" in dict(m.named_buffers())  # not persistent
+    for name in ("skipped_steps", "train_batches"):
+        assert sd[name].dtype == torch.long and sd[name].shape == () and int(sd[name]) == 0
+    assert m.consecutive_skips == 0 and m._flat_params is None
+    assert m._flat_state == [] and m._saved_state == []
+    assert m.automatic_optimization is False and m.gradient_clip_val is None
+
+
+def test_draw_k_exact_seed():
+    m = module(seed=5, k_max=7)
+    for batches in (0, 7, 123):
+        m.train_batches.fill_(batches)
+        g = torch.Generator().manual_seed(5 * 1_000_003 + batches)
+        assert m.draw_k() == int(torch.randint(0, 8, (1,), generator=g))
+    seq = []
+    for batches in range(40):
+        m.train_batches.fill_(batches)
+        seq.append(m.draw_k())
+    ref = [int(torch.randint(0, 8, (1,), generator=torch.Generator().manual_seed(5 * 1_000_003 + b))) for b in range(40)]
+    assert seq == ref
+
+
+def test_regulariser_is_fp32_spectral_plus_bn_penalty():
+    m = module().eval()  # eval: the power iteration does not move u / v
+    with torch.no_grad():
+        expected = m.spectral() + batchnorm_penalty(m.net)
+        assert batchnorm_penalty(m.net) > 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m.regulariser()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+# ---- training step --------------------------------------------------------------------------------
+def test_training_step_logs_exact_values_and_options():
+    m = module(seed=5, loss={"kl_min_beta": 0.25})
+    attach(m, rank=1, total=100)
+    with_optimizer(m)
+    m.consecutive_skips = 3
+    seen = {}
+    terms_fn, reg_fn = m.terms, m.regulariser
+
+    def terms(b, k):
+        seen["seed"], seen["k"] = torch.initial_seed(), k
+        seen["terms"] = terms_fn(b, k)
+        return seen["terms"]
+
+    def regulariser():
+        seen["reg"] = reg_fn()
+        return seen["reg"]
+
+    m.terms, m.regulariser = terms, regulariser
+    k = m.draw_k()
+    m.training_step(batch(), 0)
+    assert seen["seed"] == mix(5, 0, 1) and seen["k"] == k
+    assert int(m.train_batches) == 1 and m.consecutive_skips == 0 and int(m.skipped_steps) == 0
+    (logged,), kw = m.log_dict.calls[0]
+    assert kw == dict(prog_bar=False, on_step=True, on_epoch=False, batch_size=3)
+    assert set(logged) == {"train/loss", "train/nelbo", "train/kl", "train/recon", "train/reg", "train/beta",
+                           "train/grad_norm", "train/k", "train/skipped_steps"}
+    t = seen["terms"]
+    beta = kl_warmup(0, 100, m.loss_settings.kl_warmup_portion, 0.25)
+    assert beta == 0.25 and logged["train/beta"] == 0.25
+    assert logged["train/k"] == float(k) and float(logged["train/skipped_steps"]) == 0.0
+    torch.testing.assert_close(logged["train/loss"], training_loss(t, m.kl_alpha, beta, m.loss_settings, seen["reg"]).detach())
+    torch.testing.assert_close(logged["train/kl"], t.kl.sum(1).mean().detach())
+    torch.testing.assert_close(logged["train/recon"], t.nll.mean().detach())
+    torch.testing.assert_close(logged["train/reg"], seen["reg"].detach())
+    nelbo = m.units(t.nelbo, t.target).mean().detach()
+    torch.testing.assert_close(logged["train/nelbo"], nelbo)
+    assert torch.isfinite(logged["train/grad_norm"]) and logged["train/grad_norm"] > 0
+    (args, kw), = m.log.calls
+    assert args[0] == "nelbo" and torch.equal(args[1], logged["train/nelbo"])
+    assert kw == dict(prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+
+def test_seed_depends_on_seed_and_batch_count():
+    m = module(seed=9)
+    attach(m)
+    with_optimizer(m)
+    seeds = []
+    fn = m.terms
+    m.terms = lambda b, k: (seeds.append(torch.initial_seed()), fn(b, k))[1]
+    m.training_step(batch(), 0)
+    m.training_step(batch(), 1)
+    assert seeds == [mix(9, 0, 0), mix(9, 1, 0)] and int(m.train_batches) == 2
+
+
+def test_skipped_steps_restore_buffers_and_count():
+    m = module(loss={"max_consecutive_skips": 5})
+    attach(m)
+    opt, _ = with_optimizer(m, flat=False)
+    m.training_step(batch(), 0)  # a good step first: grads exist
+    before = {n: b.clone() for n, b in m.named_buffers() if n not in ("skipped_steps", "train_batches")}
+    for i in (1, 2):
+        m.training_step(batch(nan=True), i)
+        assert int(m.skipped_steps) == i and m.consecutive_skips == i
+        logged = m.log_dict.calls[-1][0][0]
+        assert torch.isnan(logged["train/grad_norm"]) and float(logged["train/skipped_steps"]) == i
+    for n, b in m.named_buffers():
+        if n in before:
+            assert torch.equal(b, before[n]), n
+    assert all(p.grad is None for p in m.parameters())  # plain optimiser: zero_grad(set_to_none=True)
+    assert int(m.train_batches) == 3
+    m.training_step(batch(), 3)
+    assert m.consecutive_skips == 0 and int(m.skipped_steps) == 2
+
+
+def test_too_many_skips_message():
+    m = module(loss={"max_consecutive_skips": 2})
+    attach(m, step=17, ckpt_cb=types.SimpleNamespace(dirpath="/runs/x/checkpoints"))
+    opt, _ = with_optimizer(m)
+    state = m._save_state()
+    m.consecutive_skips = 1
+    m._skip(state, opt)  # 2 is not over the limit
+    assert m.consecutive_skips == 2 and int(m.skipped_steps) == 1
+    msg = ("3 consecutive training steps had a non-finite loss or gradients (limit model.loss.max_consecutive_skips=2) "
+           "at step 17; the checkpoints in /runs/x/checkpoints are from before them: lower model.optim.lr or check "
+           "the data, then resume")
+    with pytest.raises(TooManySkippedSteps) as err:
+        m._skip(m._save_state(), opt)
+    assert str(err.value) == msg
+    for cb in (None, types.SimpleNamespace(dirpath=None)):
+        m._trainer.checkpoint_callback = cb
+        m.consecutive_skips = 2
+        with pytest.raises(TooManySkippedSteps) as err:
+            m._skip(m._save_state(), opt)
+        assert "the checkpoints in the checkpoints folder are from before them" in str(err.value)
+    unlimited = module(loss={"max_consecutive_skips": None})
+    attach(unlimited)
+    opt, _ = with_optimizer(unlimited)
+    unlimited.consecutive_skips = 10_000
+    unlimited._skip(unlimited._save_state(), opt)
+    assert unlimited.consecutive_skips == 10_001
+
+
+def test_skip_restores_saved_buffers_and_zeroes_flat_grads():
+    m = module()
+    attach(m)
+    opt, _ = with_optimizer(m)
+    buf = m.spectral.u0
+    saved = buf.clone()
+    state = m._save_state()
+    buf.add_(1.0)
+    m._flat_params.grad.fill_(3.0)
+    m._skip(state, None)  # the flat path needs no optimiser
+    assert torch.equal(buf, saved) and torch.count_nonzero(m._flat_params.grad) == 0
+
+
+def test_save_state_excludes_counters_and_refreshes_on_new_storage():
+    m = module()
+    s1 = m._save_state()
+    assert not any(is_flat(f, [m.skipped_steps]) or is_flat(f, [m.train_batches]) for f in s1)
+    assert any(is_flat(f, [m.spectral.u0]) for f in s1)
+    s2 = m._save_state()
+    assert len(s1) == len(s2) and all(a is b for a, b in zip(s1, s2))  # still flat: reused
+    m.spectral.u0 = m.spectral.u0.clone()  # new storage (as after a device move)
+    s3 = m._save_state()
+    assert any(is_flat(f, [m.spectral.u0]) for f in s3) and not any(a is b for a, b in zip(s1, s3))
+
+
+def test_all_ranks_asks_for_all():
+    m = module()
+    decisions = attach(m)
+    assert m._all_ranks(torch.tensor(True)) is True
+    assert m._all_ranks(torch.tensor(False)) is False
+    assert decisions == [(True, {"all": True}), (False, {"all": True})]
+
+
+def test_zero_grad_and_grad_norm_plain_optimiser():
+    m = module()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    params = list(m.parameters())
+    for i, p in enumerate(params):
+        p.grad = None if i == 0 else torch.full_like(p, 0.5)
+    expected = 0.5 * sum(p.numel() for p in params[1:]) ** 0.5
+    torch.testing.assert_close(m._grad_norm(), torch.tensor(expected))
+    m._zero_grad(opt)
+    assert all(p.grad is None for p in params)
+
+
+def test_grad_norm_flat_is_one_op_and_checks_linkage(monkeypatch):
+    m = module()
+    attach(m)
+    with_optimizer(m)
+    m._flat_params.grad.fill_(2.0)
+    n = m._flat_params.numel()
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("not the flat path"))
+        torch.testing.assert_close(m._grad_norm(), torch.tensor(2.0 * n ** 0.5))
+    for p in m.parameters():  # unlinked from the flat gradient
+        p.grad = torch.ones_like(p)
+    torch.testing.assert_close(m._grad_norm(), torch.tensor(float(n) ** 0.5))
+
+
+def test_optimise_reports_unscaled_norm_and_clips_scaled_grads():
+    m = module()
+    scaler = FakeScaler(4.0)
+    attach(m, scaler=scaler)
+    opt, sched = with_optimizer(m)
+    wrapped = types.SimpleNamespace(optimizer=opt, step=opt.step)
+    m.gradient_clip_val = 1e-3  # in true units: the scaled gradients end at norm 1e-3 * scale
+    norm = m._optimise(m.regulariser(), wrapped, sched)
+    assert scaler.events == [] and norm > 1e-2  # Lightning unscales in opt.step()
+    torch.testing.assert_close(torch.linalg.vector_norm(m._flat_params.grad), torch.tensor(4e-3), rtol=1e-4, atol=0)
+
+
+def test_clip_epsilon_is_added():
+    m = module()
+    attach(m)
+    with_optimizer(m)
+    m._flat_params.grad.zero_()
+    m._flat_params.grad[0] = 1e-5
+    m.gradient_clip_val = 0.5e-5
+    m._clip(torch.tensor(1e-5))
+    torch.testing.assert_close(m._flat_params.grad[0], torch.tensor(0.5e-5 / 1.1e-5 * 1e-5))
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_clip_scales_gradients_to_the_limit(flat):
+    m = module()
+    attach(m)
+    opt, sched = with_optimizer(m, flat=flat)
+    m._zero_grad(opt)
+    m.regulariser().backward()
+    grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    norm = m._grad_norm()
+    m._clip(norm)  # gradient_clip_val None: unchanged
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, [p for p in m.parameters() if p.grad is not None]))
+    m.gradient_clip_val = float(norm) * 10
+    m._clip(norm)  # below the limit: unchanged
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, [p for p in m.parameters() if p.grad is not None]))
+    m.gradient_clip_val = float(norm) / 4
+    m._clip(norm)
+    torch.testing.assert_close(m._grad_norm(), norm / 4, rtol=1e-5, atol=0)
+
+
+def test_configure_model_compiles_only_when_asked(monkeypatch):
+    import fusionvae.lit_module as lm
+
+    seen = []
+    monkeypatch.setattr(lm, "compile_network", lambda *a: seen.append(a))
+    m = module()
+    m.configure_model()
+    assert seen == []
+    m = module(compile=True, compile_mode="max-autotune", k_max=2)
+    m._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
+    m.configure_model()
+    assert seen == [(m.net, "max-autotune", "cpu", 2)]
+
+
+def test_optimise_plain_optimiser_steps():
+    m = module()
+    attach(m)
+    opt, sched = with_optimizer(m, flat=False)
+    before = [p.detach().clone() for p in m.parameters()]
+    norm = m._optimise(m.regulariser(), opt, sched)
+    assert norm is not None and torch.isfinite(norm)
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+
+
+# ---- optimiser ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_epochs, warmup", [(4, 25), (1, 100), (None, 100), (-1, 100), (0, 100)])
+def test_configure_optimizers_flat_and_schedule(max_epochs, warmup):
+    m = module(optim={"lr": 0.1, "warmup_epochs": 1})
+    attach(m, max_epochs=max_epochs, total=100)
+    count = len(list(m.parameters()))
+    conf = m.configure_optimizers()
+    opt = conf["optimizer"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    assert opt.param_groups[0]["params"] == [m._flat_params] and len(list(m.parameters())) == count
+    assert m._flat_params.numel() == sum(p.numel() for p in m.parameters())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / warmup)
+
+
+# ---- validation / test ----------------------------------------------------------------------------
+@pytest.mark.parametrize("step, prefix", [("validation_step", "val"), ("test_step", "test")])
+def test_eval_step_logs_per_k_and_mean(step, prefix):
+    m = module(k_max=2).eval()
+    attach(m)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        getattr(m, step)(batch(b=2), 0)
+    calls = m.log.calls
+    assert [c[0][0] for c in calls] == [f"{prefix}/nelbo_k0", f"{prefix}/nelbo_k1", f"{prefix}/nelbo_k2", f"{prefix}/nelbo"]
+    for (name, _), kw in calls[:-1]:
+        assert kw == dict(sync_dist=True, batch_size=2)
+    assert calls[-1][1] == dict(sync_dist=True, prog_bar=True, batch_size=2)
+    torch.testing.assert_close(calls[-1][0][1], torch.stack([c[0][1] for c in calls[:-1]]).mean())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        t = m.terms(batch(b=2), 0)
+    torch.testing.assert_close(calls[0][0][1], m.units(t.nelbo, t.target).mean())
+
+
+# ---- checkpoint hooks -----------------------------------------------------------------------------
+class FakeWandb(WandbLogger):
+    def __init__(self, version):
+        self._fake_version = version
+
+    @property
+    def version(self):
+        return self._fake_version
+
+
+def test_on_save_checkpoint():
+    m = module()
+    m.consecutive_skips = 4
+    ckpt = {}
+    m.on_save_checkpoint(ckpt)
+    assert ckpt == {"fusionvae": {"consecutive_skips": 4, "wandb_id": None}}
+    for loggers, wid in (([types.SimpleNamespace(version=7), FakeWandb("abc1"), FakeWandb("zz")], "abc1"),
+                         ([FakeWandb(None)], None), ([FakeWandb("")], None), ([types.SimpleNamespace(version=3)], None)):
+        attach(m, loggers=loggers)
+        ckpt = {}
+        m.on_save_checkpoint(ckpt)
+        assert ckpt["fusionvae"] == {"consecutive_skips": 4, "wandb_id": wid}
+        assert type(ckpt["fusionvae"]["consecutive_skips"]) is int
+
+
+def test_on_load_checkpoint_restores_skips_and_restarts_old_spectral():
+    m = module()
+    m.on_load_checkpoint({"fusionvae": {"consecutive_skips": 6}, "state_dict": {}})
+    assert m.consecutive_skips == 6 and type(m.consecutive_skips) is int
+    m.on_load_checkpoint({})
+    assert m.consecutive_skips == 0
+    m.consecutive_skips = 5
+    m.on_load_checkpoint({"fusionvae": {}})
+    assert m.consecutive_skips == 0
+    new = {"net.cells.0.w": torch.ones(1), "spectral.initialised": torch.tensor(True)}
+    m.on_load_checkpoint({"state_dict": new})
+    assert list(new) == ["net.cells.0.w", "spectral.initialised"] and bool(new["spectral.initialised"])
+    m.spectral.initialised.fill_(True)
+    old = {"net.dec_cells.0.w": torch.ones(1), "spectral.initialised": torch.tensor(True),
+           "spectral.u0": torch.zeros(1)}
+    m.on_load_checkpoint({"state_dict": old})
+    own = m.spectral.state_dict()
+    assert set(old) == {"net.dec_cells.0.w"} | {f"spectral.{k}" for k in own}
+    assert old["spectral.initialised"].dtype == torch.bool and not bool(old["spectral.initialised"])
+    for key, value in own.items():
+        if key != "initialised":
+            assert torch.equal(old[f"spectral.{key}"], value), key
