@@ -46,7 +46,8 @@ class Preempted(FusionVAEError):
 
 @contextmanager
 def reported(prefix: str = "error"):
-    """Turn a ``FusionVAEError`` into one line on stderr and ``sys.exit(exit_code)``.
+    """Turn a ``FusionVAEError``, a missing file or a stale / damaged LMDB into one line on stderr
+    and ``sys.exit(exit_code)``.
 
     With ``HYDRA_FULL_ERROR=1`` errors propagate with their traceback; a preemption always
     exits with its code (it is not a failure of the code)."""
@@ -55,8 +56,15 @@ def reported(prefix: str = "error"):
     except Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
-    except FusionVAEError as err:
+    except (FusionVAEError, FileNotFoundError, *_data_errors()) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prefix}: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
+        sys.exit(getattr(err, "exit_code", 1))
+
+
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Data problems the user fixes (missing files are FileNotFoundError; stale or damaged LMDBs)."""
+    from datamodules.lmdb_store import LMDBMetadataError, LMDBRecordError
+
+    return LMDBMetadataError, LMDBRecordError

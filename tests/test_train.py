@@ -159,3 +159,14 @@ def instantiate_model(data_dir, tmp_path):
     from hydra.utils import instantiate
 
     return instantiate(cfg_for(data_dir, tmp_path, *SHORT).model)
+
+
+def test_missing_data_dir_is_one_line_without_traceback(tmp_path):
+    env = {**os.environ, "FUSIONVAE_DATA_DIR": str(tmp_path / "nowhere"), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "train.py", "debug=fdr", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "MNIST file not found" in errors[0] and "FUSIONVAE_DATA_DIR" in errors[0]
