@@ -311,7 +311,7 @@ def test_clip_epsilon_is_added():
     m._flat_params.grad[0] = 1e-5
     m.gradient_clip_val = 0.5e-5
     m._clip(torch.tensor(1e-5))
-    torch.testing.assert_close(m._flat_params.grad[0], torch.tensor(0.5e-5 / 1.1e-5 * 1e-5))
+    torch.testing.assert_close(m._flat_params.grad[0], torch.tensor(0.5e-5 / 1.1e-5 * 1e-5), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("flat", [True, False])
