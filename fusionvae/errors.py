@@ -1,8 +1,9 @@
 """Errors a user can fix, reported by the entry points as one line (no traceback).
 
-``train.py``, ``evaluate.py`` and ``python -m fusionvae.fuse`` catch ``FusionVAEError`` and print
-``error: <message>``; set ``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also
-derive from the built-in type a caller would expect (FileNotFoundError, ValueError, ...).
+``train.py`` / ``fusionvae-train``, ``evaluate.py`` / ``fusionvae-evaluate`` and ``python -m
+fusionvae.fuse`` catch ``FusionVAEError`` and print ``error: <message>``; set
+``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also derive from the
+built-in type a caller would expect (FileNotFoundError, ValueError, ...).
 """
 from __future__ import annotations
 

@@ -1,0 +1,49 @@
+"""The Hydra mains behind ``train.py`` / ``evaluate.py`` in a checkout and the console scripts
+``fusionvae-train`` / ``fusionvae-evaluate`` of an installed package: same configs, same overrides."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .errors import reported
+from .evaluation import run_evaluation
+from .resume import evaluate_on_training_dataset, resume_in_place
+from .training import train
+
+
+def config_dir() -> Path:
+    """The Hydra configs: ``fusionvae/conf`` in a wheel install (the build maps the top-level
+    ``conf/`` there), else the checkout's ``conf/`` beside the package (plain or editable)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "train.yaml").is_file() else here.parent / "conf"
+
+
+CONF = config_dir()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
+def train_job(cfg: DictConfig) -> float | None:
+    with reported():
+        return train(cfg).get("val/nelbo")  # the objective Hydra sweepers minimise
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="evaluate")
+def evaluate_job(cfg: DictConfig) -> dict:
+    with reported():
+        return run_evaluation(cfg)
+
+
+def train_main() -> None:
+    """``fusionvae-train`` / ``python train.py``: resume in the checkpoint's run folder, then train."""
+    sys.argv = resume_in_place(sys.argv, CONF)
+    train_job()
+
+
+def evaluate_main() -> None:
+    """``fusionvae-evaluate`` / ``python evaluate.py``: on the checkpoint's training dataset."""
+    sys.argv = evaluate_on_training_dataset(sys.argv, CONF)
+    evaluate_job()
