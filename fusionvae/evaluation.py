@@ -9,7 +9,8 @@ a subset), in eval mode and fp32 (autocast off):
   pass each (``repeats``) so memory stays bounded; both in nats (MNIST, central crop) or bits/dim;
 - ``<metric>_{best,mean}`` for every metric of ``metrics.IMAGE_METRICS``: best-of-N and mean-of-N
   over N = ``eval.num_samples`` images decoded from z ~ p(z | x) at ``eval.sample_temperature``
-  against the target (central crop). For a deterministic net (FCN) every draw is the same, so
+  against the target (central crop), and those samples' ``diversity``; with ``eval.classifier``
+  also ``class_{best,mean}`` (``fusionvae.classifier``). For a deterministic net (FCN) every draw is the same, so
   S = 1 (and N = 1 with mean images) is used: the values are identical and exact.
 
 Results are kept per K (``{K: {metric: mean}}`` with standard errors over items), logged as
@@ -31,6 +32,8 @@ from torchvision.io import read_image
 from torchvision.utils import save_image
 
 from .bn_readjust import readjust_bn
+from .classifier import load as load_classifier
+from .classifier import semantic_metrics
 from .errors import BadInputError
 from .instantiate import build, finish
 from .lit_module import FusionVAEModule
@@ -55,6 +58,7 @@ class EvalSettings:
     grid_samples: int = 1  # samples per temperature t > 0 in the grids
     bn_readjust: bool = False  # re-estimate BN statistics per grid temperature first
     bn_readjust_batches: int = 20
+    classifier: str | None = None  # fusionvae.classifier file: adds class_best / class_mean
 
     def __post_init__(self):
         for name in ("iw_samples", "iw_chunk", "num_samples", "grid_samples", "bn_readjust_batches"):
@@ -95,8 +99,10 @@ def importance_weighted(module: FusionVAEModule, views: torch.Tensor, target: to
 
 
 @torch.no_grad()
-def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, settings: EvalSettings) -> dict[str, torch.Tensor]:
-    """All metrics per item ``[B]`` for K = ``k`` views (NELBO / IW-NLL in the module's units)."""
+def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, settings: EvalSettings,
+                   classifier: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """All metrics per item ``[B]`` for K = ``k`` views (NELBO / IW-NLL in the module's units; with
+    a ``classifier``, its semantic metrics)."""
     views, target = split_views(batch, k)
     # a deterministic net (FCN: log q = log p = 0) gives the same weight for every draw: one is exact
     stochastic = module.net.stochastic
@@ -105,6 +111,8 @@ def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, setting
     n = settings.num_samples if stochastic or settings.decode == "sample" else 1  # mean images of one z: alike
     samples = draw(module.net, views, n, settings.sample_temperature, settings.decode, settings.iw_chunk)
     out.update(sample_metrics(samples, target, crop=module.hparams.crop))
+    if classifier is not None:
+        out.update(semantic_metrics(classifier, samples, target))
     return out
 
 
@@ -117,6 +125,9 @@ class Evaluator(L.LightningModule):
         super().__init__()
         self.module = module
         self.settings = settings
+        # a submodule, so Lightning moves it to the evaluation device with the model
+        self.classifier, self.classifier_accuracy = load_classifier(settings.classifier) if settings.classifier \
+            else (None, None)
         self.results: dict[int, dict[str, float]] = {}
         self.stderr: dict[int, dict[str, float]] = {}
         self.items = 0  # test items evaluated (per K)
@@ -129,7 +140,7 @@ class Evaluator(L.LightningModule):
         batch = batch.float()
         for k in k_range(self.module.hparams.k_max, batch):
             sums = self._sums.setdefault(k, {})
-            for name, values in evaluate_batch(self.module, batch, k, self.settings).items():
+            for name, values in evaluate_batch(self.module, batch, k, self.settings, self.classifier).items():
                 v = values.double()
                 moments = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device),
                                        v.sum(), v.pow(2).sum()])
@@ -214,6 +225,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
                 "eval": {**asdict(settings), "temperatures": list(settings.temperatures)},
                 "test_batches": trainer.num_test_batches[0] if trainer.num_test_batches else None,
                 "items": evaluator.items,
+                "classifier_accuracy": evaluator.classifier_accuracy,  # on the clean test set
                 "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
                 "seconds": round(seconds, 1),
             }

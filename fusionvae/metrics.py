@@ -3,7 +3,8 @@
 - ``log_mean_exp``: the importance-weighted estimate log (1/S) sum_s w_s from log-weights.
 - ``IMAGE_METRICS``: per-image metrics ``[B]`` for images in [0, data_range] (MSE; PSNR and SSIM
   from ``torchmetrics.functional``). Add a metric here and every report shows it.
-- ``sample_metrics``: best-of-N and mean-of-N of those metrics for N samples per item.
+- ``sample_metrics``: best-of-N and mean-of-N of those metrics for N samples per item, and the
+  samples' ``diversity`` (mean pairwise RMS distance; 0 for one sample or a deterministic net).
 """
 from __future__ import annotations
 
@@ -95,4 +96,15 @@ def sample_metrics(samples: torch.Tensor, target: torch.Tensor, crop: int = 0, d
         values = metric.fn(flat, ref, data_range).view(b, n)
         best = values.amax(1) if metric.higher_is_better else values.amin(1)
         out[f"{name}_best"], out[f"{name}_mean"] = best, values.mean(1)
+    out["diversity"] = diversity(flat.reshape(b, n, -1))
     return out
+
+
+def diversity(samples: torch.Tensor) -> torch.Tensor:
+    """Mean RMS distance ``[B]`` over the N (N - 1) ordered pairs of distinct samples ``[B, N, D]``
+    (0 when N = 1): how different the N images drawn for one item are."""
+    b, n, d = samples.shape
+    if n < 2:
+        return samples.new_zeros(b)
+    distances = torch.cdist(samples.float(), samples.float())  # [B, N, N], zero diagonal
+    return distances.sum((1, 2)) / (n * (n - 1) * math.sqrt(d))

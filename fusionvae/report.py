@@ -14,6 +14,9 @@ METRICS = {
     "nelbo": "NELBO",
     "iw_nll": "IW-NLL",
     **{f"{name}_{kind}": f"{metric.header} {kind}" for name, metric in IMAGE_METRICS.items() for kind in ("best", "mean")},
+    "class_best": "Class best",  # eval.classifier: share of items with a sample of the target's class
+    "class_mean": "Class mean",
+    "diversity": "Diversity",
 }
 MODEL_KEYS = ("aggregation", "skip", "res_dist", "stochastic", "num_latent_scales", "num_groups_per_scale",
               "num_channels", "num_latent_per_group", "likelihood")

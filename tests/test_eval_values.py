@@ -16,7 +16,7 @@ from tests.test_objective_values import ForwardRng, replaying
 
 VIEWS = 3
 SETTINGS = EvalSettings(iw_samples=3, iw_chunk=2, num_samples=2, grid_images=0)
-NAMES = ("nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean")
+NAMES = ("nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean", "diversity")
 
 
 def model(**kw) -> FusionVAEModule:

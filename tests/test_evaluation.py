@@ -156,7 +156,7 @@ def test_evaluate_batch_and_samples():
     batch = fake_batch(3)
     settings = EvalSettings(iw_samples=5, iw_chunk=2, num_samples=4)
     out = evaluate_batch(m, batch, 2, settings)
-    assert set(out) == {"nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean"}
+    assert set(out) == {"nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean", "diversity"}
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in out.values())
     assert torch.all(out["mse_best"] <= out["mse_mean"]) and torch.all(out["psnr_best"] >= out["psnr_mean"])
     samples = draw(m.net, split_views(batch, 2)[0], 5, t=0.0, decode="mean", chunk=2)

@@ -59,7 +59,7 @@ def test_test_step_moments_exact_count_and_device(monkeypatch):
     e = Evaluator(tiny(k_max=0), EvalSettings())
     n = 2**24 + 1  # not a float32 integer
     values = {"big": torch.ones(n), "meta": torch.ones(3, device="meta")}
-    monkeypatch.setattr(ev, "evaluate_batch", lambda module, batch, k, settings: values)
+    monkeypatch.setattr(ev, "evaluate_batch", lambda module, batch, k, settings, classifier=None: values)
     e.on_test_epoch_start()
     e.test_step(torch.zeros(1, 1, 1, 2, 2), 0)
     big = e._sums[0]["big"]
@@ -226,7 +226,7 @@ def test_run_evaluation_report_fields(tmp_path, monkeypatch):
     assert info == {
         "ckpt_path": str(ckpt), "units": "nats", "model": {"name": "m"},
         "eval": {**vars(EvalSettings(iw_samples=4)), "temperatures": [0.0, 1.0]},
-        "test_batches": 5, "items": 12, "overrides": ["a=1", "b=2"], "seconds": 12.3}
+        "test_batches": 5, "items": 12, "classifier_accuracy": None, "overrides": ["a=1", "b=2"], "seconds": 12.3}
     assert rec.described == [str(ckpt)]
     (model, loader, settings, images_dir, dev), = rec.grids
     assert loader == "loader" and images_dir == tmp_path / "out" / "images" and dev is device
