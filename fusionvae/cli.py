@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from .errors import reported
 from .evaluation import run_evaluation
+from .launcher import size_launcher
 from .resume import evaluate_on_training_dataset, resume_in_place
 from .training import train
 
@@ -38,8 +39,10 @@ def evaluate_job(cfg: DictConfig) -> dict:
 
 
 def train_main() -> None:
-    """``fusionvae-train`` / ``python train.py``: resume in the checkpoint's run folder, then train."""
-    sys.argv = resume_in_place(sys.argv, CONF)
+    """``fusionvae-train`` / ``python train.py``: resume in the checkpoint's run folder, size a SLURM
+    launcher from the trainer, then train."""
+    with reported():
+        sys.argv = size_launcher(resume_in_place(sys.argv, CONF), CONF)
     train_job()
 
 

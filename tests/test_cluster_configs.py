@@ -10,16 +10,19 @@ import subprocess
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 
 from conftest import ROOT, compose_cfg
 from fusionvae.checkpoint_io import AtomicCheckpointIO
+from fusionvae.errors import BadInputError
+from fusionvae.launcher import size_launcher
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 
 
-def launcher(overrides: list[str]) -> dict:
-    cfg = compose_cfg("train", ["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+def launcher(overrides: list[str], name: str = "slurm") -> dict:
+    """The launcher node as train.py gets it: sized by ``size_launcher``, then composed."""
+    argv = size_launcher(["train.py", f"hydra/launcher={name}", *overrides], ROOT / "conf")
+    cfg = compose_cfg("train", argv[1:], return_hydra_config=True)
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
@@ -38,9 +41,27 @@ def test_launcher_defaults_and_signal():
     assert got["signal_delay_s"] == 90 and got["max_num_timeout"] == 0 and got["partition"] is None
 
 
-def test_launcher_refuses_devices_auto():
-    with pytest.raises(ValidationError):
+def test_launcher_refuses_devices_auto_and_swept_sizes():
+    with pytest.raises(BadInputError, match="trainer.devices=auto"):
         launcher(["trainer=ddp", "trainer.devices=auto"])
+    with pytest.raises(BadInputError, match="trainer.devices=2,4: the jobs of one SLURM sweep share one job size"):
+        launcher(["trainer=ddp", "trainer.devices=2,4"])
+
+
+def test_sizes_come_from_experiment_configs_and_explicit_values_win():
+    got = launcher(["experiment=mnist_paper"], name="submitit_slurm")  # the plugin's own config: sized too
+    assert (got["tasks_per_node"], got["gpus_per_node"], got["nodes"]) == (2, 2, 1)
+    got = launcher(["trainer=multi_node", "hydra.launcher.nodes=3"])
+    assert (got["tasks_per_node"], got["nodes"]) == (4, 3)
+    assert size_launcher(["train.py", "trainer=ddp"], ROOT / "conf") == ["train.py", "trainer=ddp"]
+
+
+def test_cfg_hydra_shows_the_job_size():
+    """The literal command of the issue: `--cfg hydra` prints the sizes, not interpolations."""
+    out = subprocess.run(["python", "train.py", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",
+                          "trainer.num_nodes=2", "--cfg", "hydra"], cwd=ROOT, capture_output=True, text=True, check=True)
+    node = OmegaConf.create(out.stdout).hydra.launcher
+    assert (node.tasks_per_node, node.gpus_per_node, node.nodes) == (4, 4, 2)
 
 
 def test_submitit_writes_usr1_and_the_job_size(tmp_path):
