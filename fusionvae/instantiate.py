@@ -1,21 +1,42 @@
 """Build datamodule, model, callbacks, loggers and trainer from a Hydra config."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 
-def build_list(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
+def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
     """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); a W&B logger
-    continues run ``wandb_id`` when given (a resumed training run)."""
+    gets the ``wandb`` keyword arguments its config leaves unset (null, empty)."""
     if not cfg:
         return []
     nodes = [node for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
-    return [instantiate(node, id=wandb_id, resume="allow") if wandb_id and str(node._target_).endswith("WandbLogger")
-            else instantiate(node) for node in nodes]
+    return [instantiate(node, **{k: v for k, v in (wandb or {}).items() if not node.get(k)})
+            if str(node._target_).endswith("WandbLogger") else instantiate(node) for node in nodes]
+
+
+def wandb_identity(cfg: DictConfig, wandb_id: str | None = None) -> dict:
+    """W&B run name, group and id of this job: the name is ``run_name`` or else the command-line
+    overrides (Hydra's override_dirname, e.g. ``model=cvae,seed=1``) or else ``task_name``; the
+    group is one per sweep (``<task_name>-<sweep folder>``), ``task_name`` for a single run; a
+    resumed run continues its W&B run ``wandb_id``."""
+    task = str(cfg.get("task_name") or "run")
+    overrides, group = "", task
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        overrides = hydra_cfg.job.override_dirname
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            group = f"{task}-{Path(hydra_cfg.sweep.dir).name}"
+    identity = {"name": cfg.get("run_name") or overrides or task, "group": group}
+    return {**identity, "id": wandb_id, "resume": "allow"} if wandb_id else identity
 
 
 def resolve_precision(accelerator, precision):
@@ -35,8 +56,10 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset, seed=cfg.seed)
     model = instantiate(cfg.model) if "model" in cfg else None
-    loggers = build_list(cfg.get("logger"), wandb_id)
+    loggers = build_list(cfg.get("logger"), wandb_identity(cfg, wandb_id))
     callbacks = build_list(cfg.get("callbacks"))
+    if not loggers:  # it only logs, and Lightning refuses it without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "auto"))
     # Lightning refuses gradient_clip_val under manual optimisation: the module's step clips instead
     clip = cfg.trainer.get("gradient_clip_val")

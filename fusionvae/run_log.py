@@ -36,7 +36,9 @@ def summary(trainer) -> str:
     callback = trainer.checkpoint_callback
     lines = []
     if callback is not None and callback.best_model_path:
-        lines.append(f"best val/nelbo {float(callback.best_model_score):.4f}: {callback.best_model_path}")
+        score = callback.best_model_score  # None for a checkpoint callback without a monitor
+        lines.append(f"best val/nelbo {float(score):.4f}: {callback.best_model_path}" if score is not None
+                     else f"last checkpoint: {callback.best_model_path}")
     metrics = trainer.callback_metrics
     per_k = sorted((int(k.rsplit("_k", 1)[1]), float(v)) for k, v in metrics.items() if k.startswith("val/nelbo_k"))
     if per_k:

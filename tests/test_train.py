@@ -102,6 +102,18 @@ def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
     assert all(len(r) == 1 for r in runs) and runs[0][0].name != runs[1][0].name
     overrides = [(job / ".hydra" / "overrides.yaml").read_text() for job in jobs]
     assert "model.aggregation=max" in overrides[0] and "model.aggregation=bayes" in overrides[1]
+    # one W&B group for the sweep; each run named by its overrides (bytes of the offline run record)
+    records = [next(r[0].glob("*.wandb")).read_bytes() for r in runs]
+    assert all(f"train-{sweep.name}".encode() in rec for rec in records)
+    assert b"model.aggregation=max," in records[0] and b"model.aggregation=bayes," in records[1]
+
+
+@pytest.mark.parametrize("choice, last_line", [("logger=none", "best val/nelbo "), ("callbacks=none", "last checkpoint: ")])
+def test_logger_none_and_callbacks_none_train(data_dir, tmp_path, choice, last_line):
+    group = choice.split("=")[0]
+    args = [o for o in TINY if not o.startswith(group)] + (["logger=csv"] if group == "callbacks" else [])
+    proc = run_cli([*args, choice, *SHORT, f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}"], tmp_path)
+    assert last_line in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
