@@ -5,6 +5,7 @@ The dataset and its settings come from the checkpoint's training run (``dataset=
 the same one). ``ckpt_path=last`` takes the newest training run's last.ckpt. Writes metrics.json /
 metrics.csv / metrics.md, metrics_vs_k.png and images/grid_k<K>.png to the run directory and logs
 ``eval/<metric>_k<K>`` to the loggers (see fusionvae/evaluation.py)."""
+
 from fusionvae.cli import evaluate_main
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Without real paths, stand-ins with the real layouts are generated in a temporary
 (tests/standins.py). Each sample is a [k_max + 1, C, 64, 64] stack; the first batch (worker start)
 is timed separately and excluded from the rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from standins import make_celeba, make_tless  # noqa: E402
+
 from datamodules.celeba import FusionCelebADataModule  # noqa: E402
 from datamodules.tless import FusionTLessDataModule  # noqa: E402
-from standins import make_celeba, make_tless  # noqa: E402
 
 
 def measure(dm, batches: int) -> tuple[float, float]:
@@ -61,10 +63,18 @@ def main() -> None:
     common = dict(batch_size=args.batch_size, pin_memory=False)  # persistent workers, as configured
     print(f"batch size {args.batch_size}, {args.batches} timed batches, torch {torch.__version__}")
     for name, make in (
-        ("FusionCelebA", lambda w: FusionCelebADataModule(
-            data_dir=str(celeba_root), lmdb_dir=str(lmdb / "celeba") if lmdb else None, num_workers=w, **common)),
-        ("FusionT-LESS", lambda w: FusionTLessDataModule(
-            lmdb_dir=str(lmdb / "tless") if lmdb else None, num_workers=w, **tless_kwargs, **common)),
+        (
+            "FusionCelebA",
+            lambda w: FusionCelebADataModule(
+                data_dir=str(celeba_root), lmdb_dir=str(lmdb / "celeba") if lmdb else None, num_workers=w, **common
+            ),
+        ),
+        (
+            "FusionT-LESS",
+            lambda w: FusionTLessDataModule(
+                lmdb_dir=str(lmdb / "tless") if lmdb else None, num_workers=w, **tless_kwargs, **common
+            ),
+        ),
     ):
         make(0).prepare_data()
         for workers in args.num_workers:

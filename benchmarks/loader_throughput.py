@@ -7,6 +7,7 @@ Composes conf/train.yaml with the overrides, instantiates ``cfg.dataset``, runs 
 setup, then times ``--batches`` batches of the chosen loader after ``--warmup`` untimed ones
 (worker start-up included in the warm-up); epochs are chained if the loader is shorter.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ RSS between two batch sizes, each measured in a fresh process (CPU).
 Builds the network of ``conf/model/size/<size>.yaml`` (64x64 RGB for celeba, 32x32 grey for mnist)
 on random data; prints the peak RSS per batch size, the MiB per image and a JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def one_step(size: str, k: int, batch: int, checkpointing: bool) -> dict:
     start = time.perf_counter()
     out = net(views, target)
     (-out.likelihood.log_prob(target).sum() + out.kl.sum()).backward()
-    return dict(batch=batch, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                seconds=time.perf_counter() - start)
+    return dict(
+        batch=batch,
+        peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def main() -> None:
@@ -61,8 +65,17 @@ def main() -> None:
     for run in runs:
         print(f"batch {run['batch']}: peak RSS {run['peak_mib']:.0f} MiB, step {run['seconds']:.1f} s")
     print(f"{args.size} K={args.k} checkpointing={args.activation_checkpointing}: {slope:.0f} MiB per image")
-    print(json.dumps(dict(size=args.size, k=args.k, activation_checkpointing=args.activation_checkpointing,
-                          mib_per_image=round(slope), runs=runs)))
+    print(
+        json.dumps(
+            dict(
+                size=args.size,
+                k=args.k,
+                activation_checkpointing=args.activation_checkpointing,
+                mib_per_image=round(slope),
+                runs=runs,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ process's RSS on CPU, the CUDA allocator's peak on GPU) and the leaf ATen ops of
 batch (torch.profiler; on a GPU each is at least one kernel launch). The last line is JSON.
 ``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,49 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-
 # leaf ops that launch no kernel: views, allocations and no-op conversions
-NO_KERNEL = {"aten::" + n for n in ("as_strided", "as_strided_", "view", "_unsafe_view", "_reshape_alias", "reshape",
-                                    "flatten", "unsqueeze", "squeeze", "permute", "t", "transpose", "expand", "slice",
-                                    "select", "split", "chunk", "unbind", "alias", "detach", "resolve_conj",
-                                    "resolve_neg", "empty", "empty_strided", "resize_", "to", "lift_fresh")}
+NO_KERNEL = {
+    "aten::" + n
+    for n in (
+        "as_strided",
+        "as_strided_",
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "reshape",
+        "flatten",
+        "unsqueeze",
+        "squeeze",
+        "permute",
+        "t",
+        "transpose",
+        "expand",
+        "slice",
+        "select",
+        "split",
+        "chunk",
+        "unbind",
+        "alias",
+        "detach",
+        "resolve_conj",
+        "resolve_neg",
+        "empty",
+        "empty_strided",
+        "resize_",
+        "to",
+        "lift_fresh",
+    )
+}
 
 
 def leaf_aten_ops(prof) -> tuple[int, int]:
     """ATen ops with no ATen op below them (the work actually dispatched), and those of them that
     run a kernel (views and allocations left out)."""
-    names = [e.name for e in prof.events() if e.name.startswith("aten::")
-             and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    names = [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children)
+    ]
     return len(names), sum(1 for n in names if n not in NO_KERNEL)
 
 
@@ -93,24 +124,49 @@ def main() -> None:
     cfg, dm, model = build(overrides, args.k)
     device = torch.device(args.device)
     meter = StepMeter(max(1, args.warmup), device)
-    trainer = L.Trainer(accelerator=args.device, devices=1, precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-                        max_steps=meter.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[meter], default_root_dir="/tmp/fusionvae_benchmark")
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        max_steps=meter.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[meter],
+        default_root_dir="/tmp/fusionvae_benchmark",
+    )
     trainer.fit(model, datamodule=dm)
     step = sorted(meter.times)[len(meter.times) // 2]  # median
     batch = cfg.dataset.batch_size
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    result = dict(dataset=cfg.dataset._target_.rsplit(".", 1)[-1], params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                  batch=batch, k=args.k, device=args.device, precision=args.precision, threads=torch.get_num_threads(),
-                  images_per_s=round(batch / step, 1), ms_per_step=round(step * 1000, 1),
-                  peak_mib=round(peak), peak_kind="cuda" if device.type == "cuda" else "rss", ops_per_step=meter.ops,
-                  kernel_ops_per_step=meter.kernel_ops)
-    print(f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
-          f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
-          f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
-          f"({meter.kernel_ops} with a kernel)")
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**20
+    result = dict(
+        dataset=cfg.dataset._target_.rsplit(".", 1)[-1],
+        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        batch=batch,
+        k=args.k,
+        device=args.device,
+        precision=args.precision,
+        threads=torch.get_num_threads(),
+        images_per_s=round(batch / step, 1),
+        ms_per_step=round(step * 1000, 1),
+        peak_mib=round(peak),
+        peak_kind="cuda" if device.type == "cuda" else "rss",
+        ops_per_step=meter.ops,
+        kernel_ops_per_step=meter.kernel_ops,
+    )
+    print(
+        f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
+        f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
+        f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
+        f"({meter.kernel_ops} with a kernel)"
+    )
     print(json.dumps(result))
 
 

@@ -1,10 +1,11 @@
 """Shared LightningDataModule plumbing: loader settings and the sample-stack contract."""
+
 from __future__ import annotations
 
 from functools import partial
 
-from torch.utils.data import DataLoader, Dataset
 import lightning as L
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import DeferredLoader, EpochSampler, batches_done
 
@@ -87,7 +88,8 @@ class FusionDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{type(self).__name__} {split} items are {list(shape)} ([views + target, C, H, W]) but the config "
                 f"expects {list(expected)}: fix dataset.k_max / dataset.channels / dataset.image_size or "
-                f"regenerate the data")
+                f"regenerate the data"
+            )
         self._checked.add(id(dataset))
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
@@ -116,4 +118,6 @@ class FusionDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, self.val_batch_size, shuffle=False)
+        return self._loader(
+            self.test_set if self.test_set is not None else self.val_set, self.val_batch_size, shuffle=False
+        )

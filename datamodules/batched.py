@@ -1,4 +1,5 @@
 """Datasets fetched one batch at a time."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,8 +31,14 @@ class CorruptedImages(BatchedDataset):
     Keys from ``EpochSampler`` (``SampleKey``) draw each item's flip and views from its own
     generator, a function of (seed, epoch, index); plain indices draw from torch's global RNG."""
 
-    def __init__(self, fetch: Callable[[list[int]], torch.Tensor], length: int, k_max: int,
-                 corruption: dict[str, Any], flip: bool = False):
+    def __init__(
+        self,
+        fetch: Callable[[list[int]], torch.Tensor],
+        length: int,
+        k_max: int,
+        corruption: dict[str, Any],
+        flip: bool = False,
+    ):
         self.fetch = fetch
         self.length = length
         self.k_max = k_max

@@ -6,6 +6,7 @@ runs are reproducible. Validation / test: the stacks stored in ``<lmdb_dir>/vali
 ``.../test`` (corruption drawn once from ``val_seed``). ``prepare_data`` builds missing LMDBs
 (``datamodules.make_celeba``).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -14,11 +15,11 @@ from typing import Any
 
 import torch
 
-from datamodules.batched import CorruptedImages
 from datamodules.base import FusionDataModule
+from datamodules.batched import CorruptedImages
 from datamodules.corruption import check_corruption
 from datamodules.images import to_tensor
-from datamodules.lmdb_store import LMDBReader, remove_stale_temps, StoredStacks
+from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps
 from datamodules.make_celeba import CelebASpec, build_celeba, regenerate_hint
 
 
@@ -78,8 +79,9 @@ class FusionCelebADataModule(FusionDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             reader = self._reader("train")
-            self.train_set = CorruptedImages(partial(read_faces, reader), len(reader), self.k_max,
-                                             self.spec.corruption(), self.flip)
+            self.train_set = CorruptedImages(
+                partial(read_faces, reader), len(reader), self.k_max, self.spec.corruption(), self.flip
+            )
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = StoredStacks(self._reader("valid"))
         if stage in (None, "test") and self.test_set is None:

@@ -7,6 +7,7 @@ the noise covers the whole image, so a pixel outside the windows (and in MNIST's
 ``max(0, std * N(0, 1))``, not 0 (mean ~0.0997 for std 0.25). Mask and noise are shared across
 colour channels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,7 +61,9 @@ def corrupt(
     return out
 
 
-def make_stack(images: torch.Tensor, k_max: int, generator: torch.Generator | None = None, **corruption) -> torch.Tensor:
+def make_stack(
+    images: torch.Tensor, k_max: int, generator: torch.Generator | None = None, **corruption
+) -> torch.Tensor:
     """``[N, k_max + 1, C, H, W]``: ``k_max`` corrupted views followed by the clean target."""
     noisy = corrupt(images, k_max, generator=generator, **corruption)
     return torch.cat([noisy, images.unsqueeze(1)], dim=1)

@@ -3,6 +3,7 @@
 Layout: a big-endian header ``0x00 0x00 <dtype code> <ndim>``, then ``ndim`` big-endian uint32
 sizes, then the row-major data.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,5 +1,6 @@
 """uint8 image stacks as PNG tiles, and the float tensors the models take (shared by the LMDB
 stores and the data pipelines)."""
+
 from __future__ import annotations
 
 import io
@@ -10,7 +11,6 @@ import torch
 from PIL import Image
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's "L" conversion
-
 
 
 def encode_stack(images: np.ndarray) -> bytes:

@@ -5,6 +5,7 @@ py-lmdb refuses to open one environment twice in a process, and an environment i
 reopened in a forked child or when the LMDB was replaced on disk (regenerated). Objects that read
 LMDBs keep only paths, so they pickle into ``spawn`` workers and DDP processes.
 """
+
 from __future__ import annotations
 
 import os

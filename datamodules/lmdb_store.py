@@ -17,6 +17,7 @@ Reading: ``LMDBReader`` opens its environment lazily, once per process (``readon
 ``lock=False``, ``readahead=False``, ``meminit=False``; ``datamodules.lmdb_env``), so readers
 pickle without it and work with ``spawn`` workers and DDP. The PNG tiles: ``datamodules.images``.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,6 +86,7 @@ def check_meta(stored: dict[str, Any], expected: dict[str, Any], path: str | Pat
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def read_meta(path: str | Path, hint: str = "") -> dict[str, Any]:
     """Metadata of the complete LMDB at ``path``; FileNotFoundError if absent, ValueError if unfinished."""
@@ -195,6 +197,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_for_writing(path: Path, map_size: int):
+    """A fresh private LMDB env: no lock file, syncs once at the end (the folder is renamed after)."""
+    return lmdb.open(
+        str(path),
+        map_size=map_size,
+        subdir=True,
+        lock=False,
+        sync=False,
+        metasync=False,
+        readahead=False,
+        meminit=False,
+    )
+
+
 def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any]) -> Path:
     """Write ``records`` (PNG bytes, ``meta["count"]`` of them) and ``meta`` atomically to ``path``.
 
@@ -213,8 +229,7 @@ def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any])
     count = int(meta["count"])
     per_record = int(np.prod(meta["shape"])) * 11 // 10 + 8192  # PNG worst case + page overhead
     try:
-        env = lmdb.open(str(tmp), map_size=count * per_record + (64 << 20), subdir=True, lock=False,
-                        sync=False, metasync=False, readahead=False, meminit=False)
+        env = _open_for_writing(tmp, count * per_record + (64 << 20))
         try:
             written = 0
             txn = env.begin(write=True)
@@ -241,8 +256,10 @@ def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any])
             os.rename(tmp, path)
         except OSError as exc:
             if not is_complete(path):
-                raise FileExistsError(f"cannot move the new LMDB to {path}: it exists and is not an LMDB "
-                                      f"({exc.strerror}); remove it or choose another directory") from exc
+                raise FileExistsError(
+                    f"cannot move the new LMDB to {path}: it exists and is not an LMDB "
+                    f"({exc.strerror}); remove it or choose another directory"
+                ) from exc
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished it first
         _fsync_dir(path.parent)
     except BaseException:

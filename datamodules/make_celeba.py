@@ -16,6 +16,7 @@ Output (``lmdb_store`` format) under ``--out`` (default ``<root>/fusion_celeba_l
   the stored set does not depend on the number of workers.
 Existing complete LMDBs are kept when their metadata matches, refused when it does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ class CelebASpec:
             shape=[1 if clean else self.k_max + 1, self.image_size, self.image_size, 3],
             channels=3,
             seed=None if clean else self.seed,
-            params=dict(crop=list(CROP_BOX), resize="area", image_size=self.image_size,
-                        **({} if clean else self.corruption())),
+            params=dict(
+                crop=list(CROP_BOX), resize="area", image_size=self.image_size, **({} if clean else self.corruption())
+            ),
         )
         if count is not None:
             meta["count"] = count
@@ -156,8 +158,10 @@ def _records(split: str, files: list[str], spec: CelebASpec, workers: int | None
 
 
 def regenerate_hint(root: str | Path, out: Path) -> str:
-    return (f"build it with the datamodule's prepare_data() or `python -m datamodules.make_celeba --root {root} "
-            f"--out {out}` and the config's settings (delete a stale LMDB first)")
+    return (
+        f"build it with the datamodule's prepare_data() or `python -m datamodules.make_celeba --root {root} "
+        f"--out {out}` and the config's settings (delete a stale LMDB first)"
+    )
 
 
 def build_celeba(

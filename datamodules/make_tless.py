@@ -21,6 +21,7 @@ by alpha = the resized mask, so pixels off the object are black) under ``--out``
                       held-out object, composed once from ``--val-seed`` (``datamodules.paste``).
 Existing complete LMDBs are kept when their metadata matches, refused when it does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,22 @@ class PoolSpec:
     def expected(self, pool: str, count: int | None = None) -> dict[str, Any]:
         objects = pool != "occluders"
         size = self.object_size if objects else self.occluder_size
-        params: dict[str, Any] = dict(bbox=self.bbox, size=size, alpha="premultiplied",
-                                      ids=list(self.object_ids if objects else self.occluder_ids))
+        params: dict[str, Any] = dict(
+            bbox=self.bbox,
+            size=size,
+            alpha="premultiplied",
+            ids=list(self.object_ids if objects else self.occluder_ids),
+        )
         if objects:
             params.update(n_val=self.n_val)
-        meta = dict(kind=f"fusion_tless/{pool}", version=VERSION, shape=[1, size, size, 4], channels=4,
-                    seed=self.split_seed if objects else None, params=params)
+        meta = dict(
+            kind=f"fusion_tless/{pool}",
+            version=VERSION,
+            shape=[1, size, size, 4],
+            channels=4,
+            seed=self.split_seed if objects else None,
+            params=params,
+        )
         return meta if count is None else {**meta, "count": count}
 
 
@@ -91,8 +102,15 @@ class ValSpec:
     def expected(self, pools: PoolSpec) -> dict[str, Any]:
         sources = {pool: pools.expected(pool) for pool in ("objects_val", "occluders")}
         params = dict(image_size=self.image_size, paste=asdict(self.paste), sources=sources)
-        return dict(kind="fusion_tless/val", version=VERSION, count=pools.n_val, channels=3, seed=self.seed,
-                    shape=[self.k_max + 1, self.image_size, self.image_size, 3], params=params)
+        return dict(
+            kind="fusion_tless/val",
+            version=VERSION,
+            count=pools.n_val,
+            channels=3,
+            seed=self.seed,
+            shape=[self.k_max + 1, self.image_size, self.image_size, 3],
+            params=params,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,8 +123,11 @@ class Crop:
 def find_bop(bop_root: str | Path, ids: tuple[int, ...]) -> Path:
     """``<bop_root>/train_primesense`` holding a folder per id, or FileNotFoundError."""
     train = Path(bop_root).expanduser().absolute() / "train_primesense"
-    missing = [str(train / f"{i:06d}" / "scene_gt_info.json") for i in ids
-               if not (train / f"{i:06d}" / "scene_gt_info.json").is_file()]
+    missing = [
+        str(train / f"{i:06d}" / "scene_gt_info.json")
+        for i in ids
+        if not (train / f"{i:06d}" / "scene_gt_info.json").is_file()
+    ]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(
@@ -166,8 +187,10 @@ def split_objects(crops: list[Crop], n_val: int, seed: int) -> tuple[list[Crop],
 
 
 def regenerate_hint(out: Path) -> str:
-    return (f"build it with the datamodule's prepare_data() or `python -m datamodules.make_tless --bop-root "
-            f"<BOP T-LESS> --out {out}` and the config's settings (delete a stale LMDB first)")
+    return (
+        f"build it with the datamodule's prepare_data() or `python -m datamodules.make_tless --bop-root "
+        f"<BOP T-LESS> --out {out}` and the config's settings (delete a stale LMDB first)"
+    )
 
 
 def build_pools(
@@ -188,11 +211,14 @@ def build_pools(
     if not occluders:
         raise ValueError(f"no visible occluder annotations for ids {spec.occluder_ids} under {train}")
     obj_train, obj_val = split_objects(objects, spec.n_val, spec.split_seed)
-    for pool, crops, size in (("objects_train", obj_train, spec.object_size),
-                              ("objects_val", obj_val, spec.object_size),
-                              ("occluders", occluders, spec.occluder_size)):
-        records = partial(parallel_map, partial(crop_record, size=size), crops, workers, f"T-LESS {pool}",
-                          progress=progress)
+    for pool, crops, size in (
+        ("objects_train", obj_train, spec.object_size),
+        ("objects_val", obj_val, spec.object_size),
+        ("occluders", occluders, spec.occluder_size),
+    ):
+        records = partial(
+            parallel_map, partial(crop_record, size=size), crops, workers, f"T-LESS {pool}", progress=progress
+        )
         ensure_lmdb(paths[pool], spec.expected(pool, len(crops)), records, hint, extra=dict(source=str(train)))
     return paths
 
@@ -241,8 +267,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    pool_spec = PoolSpec(tuple(args.object_ids), tuple(args.occluder_ids), args.bbox, args.object_size,
-                         args.occluder_source_size, args.n_val, args.split_seed)
+    pool_spec = PoolSpec(
+        tuple(args.object_ids),
+        tuple(args.occluder_ids),
+        args.bbox,
+        args.object_size,
+        args.occluder_source_size,
+        args.n_val,
+        args.split_seed,
+    )
     paste = PasteParams(**{k: getattr(args, k) for k in asdict(paste)})
     val_spec = ValSpec(args.image_size, args.k_max, args.val_seed, paste)
     if not args.val_only:

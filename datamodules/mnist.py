@@ -5,6 +5,7 @@ Train: the 60k training digits with a fresh corruption on every fetch, drawn per
 Validation / test: the 10k t10k digits with one fixed corruption drawn from ``val_seed`` in
 ``setup`` and stored as uint8.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.base import FusionDataModule
+from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.corruption import check_corruption, corrupt
 from datamodules.idx import read_idx
 
@@ -81,7 +82,8 @@ class FusionMNISTDataModule(FusionDataModule):
 
     ``pad`` zero pixels are added on each side (``image_size`` must be 28 + 2 pad, ``channels`` 1);
     each view shows ``n_ellipses`` windows with radius in [r_low, r_high), then Gaussian noise of
-    std ``noise_std`` on every pixel (``datamodules.corruption``). ``crop`` (2) leaves the padding out of reported likelihoods. Other keyword arguments go to ``FusionDataModule``.
+    std ``noise_std`` on every pixel (``datamodules.corruption``). ``crop`` (2) leaves the padding
+    out of reported likelihoods. Other keyword arguments go to ``FusionDataModule``.
     """
 
     def __init__(

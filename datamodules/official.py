@@ -21,141 +21,30 @@ up front, any other missing key raises while reading.
   as background). Objects and occluders become premultiplied RGBA, the format ``datamodules.paste``
   and ``datamodules.tless`` use; grey data needs ``dataset.channels=1`` (the official setting).
 """
+
 from __future__ import annotations
 
-import io
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from datamodules.base import FusionDataModule
 from datamodules.batched import BatchedDataset, CorruptedImages
 from datamodules.corruption import check_corruption
 from datamodules.images import to_tensor
-from datamodules.lmdb_env import close_env, open_env, resolve
-from datamodules.lmdb_store import LMDBRecordError
+from datamodules.lmdb_env import resolve
+from datamodules.official_lmdb import GREY_MODES, OfficialLMDB, decode_png, premultiplied_rgba  # noqa: F401 (public here too)
 from datamodules.paste import PasteParams, load_occluder_bank
 from datamodules.tless import OccludedObjects
 
 CELEBA_LMDBS = {"train": "train.lmdb", "valid": "valid.lmdb"}
-TLESS_LMDBS = {"objects": "train128x128cropped5socketClasses.lmdb",
-               "occluders": "train100x100_overlay_imgs_12classes.lmdb",
-               "valid": "valid64x64_augOcc_5socketClasses.lmdb"}
+TLESS_LMDBS = {
+    "objects": "train128x128cropped5socketClasses.lmdb",
+    "occluders": "train100x100_overlay_imgs_12classes.lmdb",
+    "valid": "valid64x64_augOcc_5socketClasses.lmdb",
+}
 STORED_VIEWS = 3  # views per official validation record (plus the target)
-GREY_MODES = ("L", "LA")
-FORMATS = {"L": "grey on black (alpha = pixel > 0)", "LA": "grey + alpha channel",
-           "RGB": "RGB on black (alpha = any channel > 0)", "RGBA": "RGBA (alpha channel)"}
-
-
-def decode_png(data: bytes, reverse_channels: bool) -> tuple[np.ndarray, str]:
-    """uint8 ``[H, W, C]`` (C = 1 L, 2 LA, 3 RGB, 4 RGBA) and the PNG mode; colour channels
-    reversed (cv2's BGR(A) -> RGB(A), alpha stays last) when ``reverse_channels``."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        mode = img.mode
-        if mode in ("P", "PA"):  # palette: PIL expands it (cv2 never writes one)
-            img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
-        elif mode == "1":
-            img = img.convert("L")
-        elif mode not in FORMATS:
-            raise ValueError(f"unsupported PNG mode {mode!r} (8-bit L, LA, RGB or RGBA expected)")
-        mode, arr = img.mode, np.asarray(img)
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    if reverse_channels and arr.shape[-1] >= 3:
-        arr = arr[..., [2, 1, 0, *range(3, arr.shape[-1])]]
-    return arr, mode
-
-
-def premultiplied_rgba(arr: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., 4]`` premultiplied RGBA from ``[..., C]`` (C in 1..4): the alpha channel if there
-    is one, else alpha = 255 where any channel is non-zero (images of an object on black)."""
-    c = arr.shape[-1]
-    colour = arr[..., :3] if c >= 3 else np.repeat(arr[..., :1], 3, axis=-1)
-    if c in (2, 4):
-        alpha = arr[..., -1:]
-        colour = ((colour.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)  # rounded
-    else:
-        alpha = (colour.max(axis=-1, keepdims=True) > 0).astype(np.uint8) * 255
-    return np.concatenate([colour, alpha], axis=-1)
-
-
-class OfficialLMDB:
-    """Random access to an official LMDB: ``get_many -> uint8 [B, tiles, H, W, C]`` with C = 4
-    (premultiplied RGBA) if ``rgba`` else 3 (RGB, alpha composited on black; grey repeated).
-
-    ``tiles``: square tiles side by side per record (None: any number, keep the last). Record "0" is
-    decoded on construction: ``shape`` and ``mode`` (its PNG mode) let callers check the config
-    before heavy work. Holds no environment (``lmdb_store``'s per-process cache does), so it pickles
-    into DataLoader / pool workers.
-    """
-
-    def __init__(self, path: Any, tiles: int | None = None, rgba: bool = False, reverse_channels: bool = True,
-                 hint: str = ""):
-        self.path = resolve(path)
-        if not (self.path / "data.mdb").is_file():
-            raise FileNotFoundError(f"official LMDB not found: {self.path} (no data.mdb there){hint}")
-        self.tiles, self.rgba, self.reverse_channels = tiles, rgba, reverse_channels
-        env = open_env(str(self.path))
-        self.count = int(env.stat()["entries"])
-        if self.count == 0:
-            raise LMDBRecordError(f"official LMDB {self.path} is empty")
-        with env.begin() as txn:
-            for key in (b"0", str(self.count - 1).encode()):
-                if txn.get(key) is None:
-                    raise LMDBRecordError(self._missing(key))
-            first, self.mode = self._decode(b"0", txn.get(b"0"))
-        self.shape: tuple[int, ...] = first.shape
-        self.format = FORMATS[self.mode]
-
-    def __len__(self) -> int:
-        return self.count
-
-    def _missing(self, key: bytes) -> str:
-        return (f"official LMDB {self.path}: key {key.decode()!r} is missing; records must be stored under "
-                f"keys '0'..'{self.count - 1}' ({self.count} entries, no other keys): the LMDB is incomplete "
-                f"or not an official FusionVAE LMDB")
-
-    def _decode(self, key: bytes, data: Any) -> tuple[np.ndarray, str]:
-        """``[tiles, H, W, C]`` of one record; LMDBRecordError naming the path and key if it is not one."""
-        try:
-            arr, mode = decode_png(bytes(data), self.reverse_channels)
-            h, w = arr.shape[:2]
-            if w % h:
-                raise ValueError(f"a {w}x{h} (WxH) PNG is not a row of square tiles")
-            n = w // h
-            if self.tiles is not None and n != self.tiles:
-                raise ValueError(f"{n} tiles of {h}x{h} px, expected {self.tiles} side by side")
-            arr = premultiplied_rgba(arr) if self.rgba else premultiplied_rgba(arr)[..., :3]
-            stack = arr.reshape(h, n, h, arr.shape[-1]).transpose(1, 0, 2, 3)
-            stack = stack if self.tiles is not None else stack[-1:]
-            if getattr(self, "shape", stack.shape) != stack.shape:
-                raise ValueError(f"decoded tiles {stack.shape}, but record '0' gave {self.shape}")
-        except Exception as exc:  # PIL raises several types for junk bytes
-            raise LMDBRecordError(f"official LMDB {self.path}: record key {key.decode()!r} cannot be decoded "
-                                  f"({exc}); the LMDB is damaged or not an official FusionVAE LMDB") from exc
-        return stack, mode
-
-    def get_many(self, indices: Any) -> np.ndarray:
-        """uint8 ``[B, tiles, H, W, C]`` of the given records, read in one transaction."""
-        indices = [int(i) for i in indices]
-        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        with open_env(str(self.path)).begin(buffers=True) as txn:
-            for row, index in enumerate(indices):
-                if not 0 <= index < self.count:
-                    raise IndexError(f"official LMDB {self.path}: index {index} out of range [0, {self.count})")
-                key = str(index).encode()
-                data = txn.get(key)
-                if data is None:
-                    raise LMDBRecordError(self._missing(key))
-                out[row] = self._decode(key, data)[0]
-        return out
-
-    def close(self) -> None:
-        """Close this process's environment (reopened on the next read)."""
-        close_env(str(self.path))
 
 
 class OfficialStacks(BatchedDataset):
@@ -170,7 +59,7 @@ class OfficialStacks(BatchedDataset):
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         stacks = self.reader.get_many(indices)
-        return list(to_tensor(stacks[:, STORED_VIEWS - self.k_max:], self.channels).unbind(0))
+        return list(to_tensor(stacks[:, STORED_VIEWS - self.k_max :], self.channels).unbind(0))
 
 
 def read_faces(reader: OfficialLMDB, indices: list[int]) -> torch.Tensor:
@@ -189,23 +78,31 @@ class _OfficialDataModule(FusionDataModule):
     def __init__(self, official_dir: str, reverse_channels: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         if self.k_max > STORED_VIEWS:
-            raise ValueError(f"the official validation records hold {STORED_VIEWS} views: dataset.k_max must be "
-                             f"<= {STORED_VIEWS}, got {self.k_max}")
+            raise ValueError(
+                f"the official validation records hold {STORED_VIEWS} views: dataset.k_max must be "
+                f"<= {STORED_VIEWS}, got {self.k_max}"
+            )
         self.official_dir = resolve(official_dir)
         self.reverse_channels = reverse_channels
         self._official: dict[str, OfficialLMDB] = {}
 
     def _hint(self) -> str:
         names = ", ".join(f"{folder}/" for folder, _ in self.lmdbs.values())
-        return (f". dataset.official_dir ({self.official_dir}) must be the folder holding the official "
-                f"{self.dataset_name} LMDBs {names} ({self.source}); set it in the config or on the command line "
-                f"(dataset.official_dir=<dir>)")
+        return (
+            f". dataset.official_dir ({self.official_dir}) must be the folder holding the official "
+            f"{self.dataset_name} LMDBs {names} ({self.source}); set it in the config or on the command line "
+            f"(dataset.official_dir=<dir>)"
+        )
 
     def readers(self) -> dict[str, OfficialLMDB]:
         """The checked readers, opened once (cheap: counts, first / last key, record '0')."""
         if not self._official:
-            readers = {role: OfficialLMDB(self.official_dir / folder, reverse_channels=self.reverse_channels,
-                                          hint=self._hint(), **kw) for role, (folder, kw) in self.lmdbs.items()}
+            readers = {
+                role: OfficialLMDB(
+                    self.official_dir / folder, reverse_channels=self.reverse_channels, hint=self._hint(), **kw
+                )
+                for role, (folder, kw) in self.lmdbs.items()
+            }
             self.check(readers)
             self._official = {role: self.track(reader) for role, reader in readers.items()}
         return self._official
@@ -215,8 +112,10 @@ class _OfficialDataModule(FusionDataModule):
         valid = readers["valid"]
         size = valid.shape[1]
         if size != self.image_size:
-            raise ValueError(f"{valid.path}: tiles are {size}x{size} px but dataset.image_size={self.image_size}; "
-                             f"set dataset.image_size={size}")
+            raise ValueError(
+                f"{valid.path}: tiles are {size}x{size} px but dataset.image_size={self.image_size}; "
+                f"set dataset.image_size={size}"
+            )
         for reader in readers.values():
             if self.channels == 3 and reader.mode in GREY_MODES:
                 raise ValueError(f"{reader.path} stores grey images (PNG mode {reader.mode}): set dataset.channels=1")
@@ -224,7 +123,6 @@ class _OfficialDataModule(FusionDataModule):
     def prepare_data(self) -> None:
         """Nothing to build: check folders, counts and formats up front (rank zero)."""
         self.readers()
-
 
 
 class FusionCelebAOfficialDataModule(_OfficialDataModule):
@@ -236,9 +134,19 @@ class FusionCelebAOfficialDataModule(_OfficialDataModule):
     source = "written by the official create_fusion_celeba_lmdb.py --output_dir"
     lmdbs = {"train": (CELEBA_LMDBS["train"], {}), "valid": (CELEBA_LMDBS["valid"], {"tiles": STORED_VIEWS + 1})}
 
-    def __init__(self, official_dir: str, n_ellipses: int = 4, r_low: int = 0, r_high: int = 15,
-                 noise_std: float = 0.0, flip: bool = True, channels: int = 3, image_size: int = 64,
-                 bits_per_dim: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        official_dir: str,
+        n_ellipses: int = 4,
+        r_low: int = 0,
+        r_high: int = 15,
+        noise_std: float = 0.0,
+        flip: bool = True,
+        channels: int = 3,
+        image_size: int = 64,
+        bits_per_dim: bool = True,
+        **kwargs: Any,
+    ):
         kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(official_dir, **kwargs)
         if self.channels != 3:
@@ -250,15 +158,17 @@ class FusionCelebAOfficialDataModule(_OfficialDataModule):
         super().check(readers)
         train = readers["train"]
         if train.shape[1] != self.image_size:
-            raise ValueError(f"{train.path}: faces are {train.shape[1]}x{train.shape[2]} px but "
-                             f"dataset.image_size={self.image_size}")
+            raise ValueError(
+                f"{train.path}: faces are {train.shape[1]}x{train.shape[2]} px but dataset.image_size={self.image_size}"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         readers = self.readers()
         if stage in (None, "fit") and self.train_set is None:
             train = readers["train"]
-            self.train_set = CorruptedImages(partial(read_faces, train), len(train), self.k_max, self.corruption,
-                                             self.flip)
+            self.train_set = CorruptedImages(
+                partial(read_faces, train), len(train), self.k_max, self.corruption, self.flip
+            )
         if self.val_set is None:
             self.val_set = OfficialStacks(readers["valid"], self.k_max, self.channels)
 
@@ -271,18 +181,33 @@ class FusionTLessOfficialDataModule(_OfficialDataModule):
 
     dataset_name = "FusionT-LESS"
     source = "the official download, github.com/ALRhub/FusionVAE datasets/"
-    lmdbs = {"objects": (TLESS_LMDBS["objects"], {"rgba": True}),
-             "occluders": (TLESS_LMDBS["occluders"], {"rgba": True}),
-             "valid": (TLESS_LMDBS["valid"], {"tiles": STORED_VIEWS + 1})}
+    lmdbs = {
+        "objects": (TLESS_LMDBS["objects"], {"rgba": True}),
+        "occluders": (TLESS_LMDBS["occluders"], {"rgba": True}),
+        "valid": (TLESS_LMDBS["valid"], {"tiles": STORED_VIEWS + 1}),
+    }
 
-    def __init__(self, official_dir: str, n_occluders_low: int = 5, n_occluders_high: int = 8,
-                 occluder_size: int = 50, scale_low: float = 0.9, scale_high: float = 1.1, max_shift: float = 4.0,
-                 max_rotation: float = 180.0, workers: int | None = None, channels: int = 1, image_size: int = 64,
-                 bits_per_dim: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        official_dir: str,
+        n_occluders_low: int = 5,
+        n_occluders_high: int = 8,
+        occluder_size: int = 50,
+        scale_low: float = 0.9,
+        scale_high: float = 1.1,
+        max_shift: float = 4.0,
+        max_rotation: float = 180.0,
+        workers: int | None = None,
+        channels: int = 1,
+        image_size: int = 64,
+        bits_per_dim: bool = True,
+        **kwargs: Any,
+    ):
         kwargs.update(channels=channels, image_size=image_size, bits_per_dim=bits_per_dim)
         super().__init__(official_dir, **kwargs)
-        self.paste = PasteParams(n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high,
-                                 max_shift, max_rotation)
+        self.paste = PasteParams(
+            n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high, max_shift, max_rotation
+        )
         self.workers = workers
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,4 +1,5 @@
 """Parallel generation helper for the LMDB builders: ``fn`` over items on worker processes."""
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,24 @@ def parallel_map(
     with a rich progress bar. ``fn`` must be picklable (module-level function or partial)."""
     from multiprocessing import get_context
 
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     n = min(default_workers() if workers is None else workers, len(items))
     pool = get_context().Pool(n, initializer=_init_worker) if n > 1 else None  # before the bar's thread starts
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     try:
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task(desc, total=len(items))

@@ -7,12 +7,13 @@ j is pasted as an ``occluder_size * s`` pixel square (s ~ U[scale_low, scale_hig
 max_rotation] degrees, its centre at the image centre plus a U[-max_shift, max_shift] pixel
 offset in x and y. All occluders of a batch are warped by one ``affine_grid`` + ``grid_sample``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ class PasteParams:
         if not 0 <= low <= high or high < 1:
             raise ValueError(f"need 0 <= n_occluders_low <= n_occluders_high, n_occluders_high >= 1; got {low}, {high}")
         if self.occluder_size < 1 or not 0 < self.scale_low <= self.scale_high:
-            raise ValueError(f"need occluder_size >= 1 and 0 < scale_low <= scale_high, got {self.occluder_size}, "
-                             f"{self.scale_low}, {self.scale_high}")
+            raise ValueError(
+                f"need occluder_size >= 1 and 0 < scale_low <= scale_high, got {self.occluder_size}, "
+                f"{self.scale_low}, {self.scale_high}"
+            )
         if self.max_shift < 0 or self.max_rotation < 0:
             raise ValueError(f"max_shift and max_rotation must be >= 0, got {self.max_shift}, {self.max_rotation}")
 

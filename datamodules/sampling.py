@@ -8,9 +8,11 @@ a run resumed mid-epoch sees exactly the batches an uninterrupted run sees: the 
 the batches of the interrupted epoch that Lightning's restored progress counts as done, read when
 the iteration starts (``DeferredLoader`` starts it at the first batch request, after the restore).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -65,8 +67,15 @@ class EpochSampler(DistributedSampler):
     resumes mid-epoch. ``len`` stays the full epoch, as Lightning expects when it resumes.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 done: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        done: Callable[[], int] | None = None,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.done = done

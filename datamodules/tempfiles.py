@@ -5,6 +5,7 @@ write to ``<hidden name><mark><pid>-<host>-<random>`` and rename when complete. 
 mid-write (SIGKILL, OOM, power loss) leaves that temporary behind; it is never read as data, and
 ``remove_stale`` deletes the ones whose writer is no longer alive.
 """
+
 from __future__ import annotations
 
 import os

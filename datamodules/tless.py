@@ -8,6 +8,7 @@ share it). Validation / test: the fixed stacks of ``<lmdb_dir>/val``. ``prepare_
 missing LMDBs (``datamodules.make_tless``).
 ``channels: 1`` converts everything to grey (BT.601 luminance).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,10 +17,10 @@ from typing import Any
 
 import torch
 
-from datamodules.batched import BatchedDataset
 from datamodules.base import FusionDataModule
-from datamodules.lmdb_store import LMDBReader, remove_stale_temps, StoredStacks
-from datamodules.make_tless import OCCLUDER_IDS, OBJECT_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
+from datamodules.batched import BatchedDataset
+from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps
+from datamodules.make_tless import OBJECT_IDS, OCCLUDER_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
 from datamodules.sampling import split_keys
 
@@ -93,10 +94,18 @@ class FusionTLessDataModule(FusionDataModule):
         self.lmdb_dir = Path(lmdb_dir if lmdb_dir else Path(data_dir) / "fusion_tless_lmdb").expanduser().absolute()
         self.bop_root = bop_root if bop_root else str(Path(data_dir) / "tless")
         self.workers = workers
-        self.pools = PoolSpec(tuple(int(i) for i in object_ids), tuple(int(i) for i in occluder_ids), bbox,
-                              object_size, occluder_source_size, n_val, split_seed)
-        self.paste = PasteParams(n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high,
-                                 max_shift, max_rotation)
+        self.pools = PoolSpec(
+            tuple(int(i) for i in object_ids),
+            tuple(int(i) for i in occluder_ids),
+            bbox,
+            object_size,
+            occluder_source_size,
+            n_val,
+            split_seed,
+        )
+        self.paste = PasteParams(
+            n_occluders_low, n_occluders_high, occluder_size, scale_low, scale_high, max_shift, max_rotation
+        )
         self.val_spec = ValSpec(self.image_size, self.k_max, val_seed, self.paste)
 
     def prepare_data(self) -> None:

@@ -18,6 +18,7 @@ function ``(params) -> Normal`` and register it in ``AGGREGATIONS`` (config ``mo
 ``max``, ``mean`` and ``bayes`` work on the effective parameters mu = 5 tanh(mu / 5),
 sigma = exp(5 tanh(l / 5)) + 0.01 of each view.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

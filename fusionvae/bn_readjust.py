@@ -8,10 +8,11 @@ parameter changes. The input views come from data batches (K cycles through 0..k
 number of views contributes, K = k_max first); targets are never used. Layers that no batch
 reached keep their trained statistics. Everything runs in fp32 with autocast off.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,8 @@ def readjust_bn(
     if used == 0:
         raise ValueError("BN re-adjustment got no batches")
     for bn in layers:
-        if bn.track_running_stats and not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
+        if bn.track_running_stats and not (
+            torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+        ):
             raise FloatingPointError(f"BN re-adjustment at t={t} gave non-finite running statistics")
     return target

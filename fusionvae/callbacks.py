@@ -1,4 +1,5 @@
 """Lightning callbacks: image grids to disk and to the attached loggers."""
+
 from __future__ import annotations
 
 from pathlib import Path

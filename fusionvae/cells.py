@@ -1,4 +1,5 @@
 """NVAE residual cells: every cell is ``skip(x) + 0.1 * SE(branch(x))``."""
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,12 @@ def encoder_cell(c_in: int, down: bool = False, use_se: bool = True) -> Cell:
     """[BN-Swish-Conv3x3] x 2; ``down`` halves the resolution and doubles the channels."""
     c_out = 2 * c_in if down else c_in
     branch = nn.Sequential(
-        batch_norm(c_in), nn.SiLU(), conv(c_in, c_out, 3, stride=2 if down else 1),
-        batch_norm(c_out), nn.SiLU(), conv(c_out, c_out, 3),
+        batch_norm(c_in),
+        nn.SiLU(),
+        conv(c_in, c_out, 3, stride=2 if down else 1),
+        batch_norm(c_out),
+        nn.SiLU(),
+        conv(c_out, c_out, 3),
     )
     skip = FactorizedReduce(c_in, c_out) if down else nn.Identity()
     return Cell(skip, branch, c_out, use_se)
@@ -38,9 +43,15 @@ def decoder_cell(c_in: int, up: bool = False, expand: int = 6, use_se: bool = Tr
     hidden = c_in * expand
     layers = [nn.Upsample(scale_factor=2, mode="nearest")] if up else []
     layers += [
-        batch_norm(c_in), conv(c_in, hidden, 1, bias=False),
-        batch_norm(hidden), nn.SiLU(), conv(hidden, hidden, 5, groups=hidden, bias=False),
-        batch_norm(hidden), nn.SiLU(), conv(hidden, c_out, 1, bias=False), batch_norm(c_out),
+        batch_norm(c_in),
+        conv(c_in, hidden, 1, bias=False),
+        batch_norm(hidden),
+        nn.SiLU(),
+        conv(hidden, hidden, 5, groups=hidden, bias=False),
+        batch_norm(hidden),
+        nn.SiLU(),
+        conv(hidden, c_out, 1, bias=False),
+        batch_norm(c_out),
     ]
     skip = UpSkip(c_in, c_out) if up else nn.Identity()
     return Cell(skip, nn.Sequential(*layers), c_out, use_se)

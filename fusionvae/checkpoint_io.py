@@ -4,6 +4,7 @@ The temporary is ``.<name>.tmp-<pid>-<host>-<hex>``: a run killed mid-write leav
 never a half-written ``<name>``; ``remove_stale_temps`` deletes such leftovers when a run starts
 (``fusionvae.resilience.RunGuard`` calls it for the checkpoint folder).
 """
+
 from __future__ import annotations
 
 import logging

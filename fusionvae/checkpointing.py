@@ -6,6 +6,7 @@ set its momentum to 0 (the batch statistics used for normalising, and so the act
 unchanged) and restore ``num_batches_tracked`` afterwards, so the state after a step is the same
 as without checkpointing.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -18,8 +19,7 @@ from torch.utils.checkpoint import checkpoint
 @contextmanager
 def _frozen_batch_norm_stats(module: nn.Module):
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in norms]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
@@ -36,5 +36,6 @@ def run(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
     instead of being kept."""
     if not (enabled and torch.is_grad_enabled()):
         return module(x)
-    return checkpoint(module, x, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _frozen_batch_norm_stats(module)))
+    return checkpoint(
+        module, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _frozen_batch_norm_stats(module))
+    )

@@ -12,6 +12,7 @@ stored with it and printed by the reports that use it.
 trains it once on clean, padded MNIST (about a minute on one CPU core); ``ensure_classifier``
 reuses the file when it exists.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,16 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.config = {"channels": channels, "classes": classes, "width": width, "size": size}
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * (size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, classes),
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (size // 4) ** 2, 128),
+            nn.ReLU(),
+            nn.Linear(128, classes),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,12 +57,14 @@ def mnist_labels(data_dir: str | Path, split: str) -> torch.Tensor:
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.is_file():
             return torch.from_numpy(read_idx(candidate).astype(np.int64))
-    raise FileNotFoundError(f"MNIST labels not found: {path} (nor .gz); point FUSIONVAE_DATA_DIR at the "
-                            f"directory that holds MNIST/raw/")
+    raise FileNotFoundError(
+        f"MNIST labels not found: {path} (nor .gz); point FUSIONVAE_DATA_DIR at the directory that holds MNIST/raw/"
+    )
 
 
-def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int = 2, batch_size: int = 128,
-        lr: float = 2e-3, seed: int = 0) -> ImageClassifier:
+def fit(
+    images: torch.Tensor, labels: torch.Tensor, epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
+) -> ImageClassifier:
     """An ``ImageClassifier`` trained with Adam on uint8 ``images [N, C, H, W]`` and ``labels [N]``."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -66,7 +76,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int = 2, batch_size:
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(images[idx].float() / 255), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -79,8 +89,10 @@ def fit(images: torch.Tensor, labels: torch.Tensor, epochs: int = 2, batch_size:
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     """Share of uint8 ``images`` classified as ``labels``."""
     model.eval()
-    hits = sum(int((model(images[i:i + batch_size].float() / 255).argmax(1) == labels[i:i + batch_size]).sum())
-               for i in range(0, len(images), batch_size))
+    hits = sum(
+        int((model(images[i : i + batch_size].float() / 255).argmax(1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(images), batch_size)
+    )
     return hits / len(images)
 
 
@@ -98,16 +110,19 @@ def load(path: str | Path) -> tuple[ImageClassifier, float]:
     """The classifier saved at ``path`` (eval mode) and its clean test accuracy."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"classifier not found: {path}; train it with `python -m fusionvae.classifier "
-                                f"--out {path}` or set eval.classifier=null")
+        raise FileNotFoundError(
+            f"classifier not found: {path}; train it with `python -m fusionvae.classifier "
+            f"--out {path}` or set eval.classifier=null"
+        )
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = ImageClassifier(**saved["config"])
     model.load_state_dict(saved["state_dict"])
     return model.eval(), float(saved["test_accuracy"])
 
 
-def ensure_classifier(data_dir: str | Path, path: str | Path, pad: int = 2, epochs: int = 2,
-                      items: int | None = None) -> tuple[Path, float]:
+def ensure_classifier(
+    data_dir: str | Path, path: str | Path, pad: int = 2, epochs: int = 2, items: int | None = None
+) -> tuple[Path, float]:
     """``path`` holding a digit classifier trained on the first ``items`` (None: all) clean MNIST
     training digits padded by ``pad`` (trained now if missing), and its clean test accuracy."""
     path = Path(path)

@@ -1,5 +1,6 @@
 """The Hydra mains behind ``train.py`` / ``evaluate.py`` in a checkout and the console scripts
 ``fusionvae-train`` / ``fusionvae-evaluate`` of an installed package: same configs, same overrides."""
+
 from __future__ import annotations
 
 import sys

@@ -14,6 +14,7 @@ same graphs without code generation, for debugging and the CPU tests, where indu
 Activation checkpointing (``model.activation_checkpointing``) is refused: Dynamo cannot trace its
 BatchNorm-freezing context; the compiled graph's partitioner recomputes cheap ops by itself.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,10 @@ def check_compile_mode(mode: str, device_type: str) -> None:
     if mode not in COMPILE_MODES:
         raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got '{mode}'")
     if mode == "reduce-overhead" and device_type != "cuda":
-        raise ValueError(f"model.compile_mode=reduce-overhead needs CUDA graphs (a CUDA device), but this run is "
-                         f"on '{device_type}': use model.compile_mode=default")
+        raise ValueError(
+            f"model.compile_mode=reduce-overhead needs CUDA graphs (a CUDA device), but this run is "
+            f"on '{device_type}': use model.compile_mode=default"
+        )
 
 
 def raise_recompile_limit(k_max: int) -> int:
@@ -52,15 +55,18 @@ def is_compiled(net: nn.Module) -> bool:
     return getattr(net, "_fusionvae_compiled", None) is not None
 
 
-def compile_network(net: nn.Module, mode: str = "default", device_type: str = "cpu", k_max: int = 3,
-                    backend: str | None = None) -> nn.Module:
+def compile_network(
+    net: nn.Module, mode: str = "default", device_type: str = "cpu", k_max: int = 3, backend: str | None = None
+) -> nn.Module:
     """Compile ``net``'s loss path in place (see the module docstring) and return ``net``."""
     check_compile_mode(mode, device_type)
     if is_compiled(net):
         return net
     if getattr(net, "activation_checkpointing", False):
-        raise ValueError("model.compile=true does not work with model.activation_checkpointing=true (Dynamo cannot "
-                         "trace its BatchNorm-freezing checkpoint): set one of them to false")
+        raise ValueError(
+            "model.compile=true does not work with model.activation_checkpointing=true (Dynamo cannot "
+            "trace its BatchNorm-freezing checkpoint): set one of them to false"
+        )
     backend = backend or os.environ.get("FUSIONVAE_COMPILE_BACKEND", "inductor")
     raise_recompile_limit(k_max)
     eager = net.forward

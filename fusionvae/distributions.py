@@ -3,6 +3,7 @@
 ``Normal`` is the latent distribution. ``Likelihood`` is the contract of an image likelihood
 p(y | z); to add one, subclass it and register it in ``LIKELIHOODS`` (config ``model.likelihood``).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,12 @@ class Normal:
         self.sigma = sigma
 
     @classmethod
-    def from_params(cls, params: torch.Tensor, dim: int = 1) -> "Normal":
+    def from_params(cls, params: torch.Tensor, dim: int = 1) -> Normal:
         mu, log_sigma = params.float().chunk(2, dim=dim)
         return cls(soft_clamp(mu), soft_clamp(log_sigma).exp() + 1e-2)
 
     @classmethod
-    def standard(cls, shape, device) -> "Normal":
+    def standard(cls, shape, device) -> Normal:
         return cls(torch.zeros(shape, device=device), torch.ones(shape, device=device))
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ class Normal:
         """Element-wise log density."""
         return -0.5 * ((z - self.mu) / self.sigma) ** 2 - self.sigma.log() - 0.5 * LOG_2PI
 
-    def kl(self, other: "Normal") -> torch.Tensor:
+    def kl(self, other: Normal) -> torch.Tensor:
         """Element-wise analytic KL(self || other)."""
         var_ratio = (self.sigma / other.sigma) ** 2
         diff = (self.mu - other.mu) / other.sigma

@@ -5,6 +5,7 @@ fusionvae.fuse`` catch ``FusionVAEError`` and print ``error: <message>``; set
 ``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also derive from the
 built-in type a caller would expect (FileNotFoundError, ValueError, ...).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,11 @@ class Preempted(FusionVAEError):
     def __init__(self, signum: int, step: int, path: str | None):
         self.signum, self.step, self.path = int(signum), step, path
         self.exit_code = 128 + int(signum)
-        saved = (f"checkpoint saved to {path} (resume with ckpt_path={path} or ckpt_path=last)" if path else
-                 "no checkpoint written at this step (resume from the run's last.ckpt)")
+        saved = (
+            f"checkpoint saved to {path} (resume with ckpt_path={path} or ckpt_path=last)"
+            if path
+            else "no checkpoint written at this step (resume from the run's last.ckpt)"
+        )
         super().__init__(f"stopped by signal {int(signum)} at step {step}; {saved}")
 
 

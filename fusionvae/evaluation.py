@@ -17,6 +17,7 @@ Results are kept per K (``{K: {metric: mean}}`` with standard errors over items)
 ``eval/<metric>_k<K>`` (``train.py test=true`` logs its one-draw NELBO as ``test/``, a different
 estimator) and written by ``fusionvae.report``. Then image grids per K (``fusionvae.sampling``).
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ class EvalSettings:
         self.temperatures = tuple(float(t) for t in self.temperatures)
 
     @classmethod
-    def from_cfg(cls, node) -> "EvalSettings":
+    def from_cfg(cls, node) -> EvalSettings:
         values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -82,8 +83,9 @@ class EvalSettings:
 
 
 @torch.no_grad()
-def importance_weighted(module: FusionVAEModule, views: torch.Tensor, target: torch.Tensor, samples: int,
-                        chunk: int) -> dict[str, torch.Tensor]:
+def importance_weighted(
+    module: FusionVAEModule, views: torch.Tensor, target: torch.Tensor, samples: int, chunk: int
+) -> dict[str, torch.Tensor]:
     """IW-NLL and NELBO in nats per item ``[B]`` from ``samples`` posterior draws, ``chunk`` per pass."""
     b, crop = target.shape[0], module.hparams.crop
     log_w, nelbo = [], target.new_zeros(b, dtype=torch.float32)
@@ -99,8 +101,13 @@ def importance_weighted(module: FusionVAEModule, views: torch.Tensor, target: to
 
 
 @torch.no_grad()
-def evaluate_batch(module: FusionVAEModule, batch: torch.Tensor, k: int, settings: EvalSettings,
-                   classifier: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def evaluate_batch(
+    module: FusionVAEModule,
+    batch: torch.Tensor,
+    k: int,
+    settings: EvalSettings,
+    classifier: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
     """All metrics per item ``[B]`` for K = ``k`` views (NELBO / IW-NLL in the module's units; with
     a ``classifier``, its semantic metrics)."""
     views, target = split_views(batch, k)
@@ -126,8 +133,9 @@ class Evaluator(L.LightningModule):
         self.module = module
         self.settings = settings
         # a submodule, so Lightning moves it to the evaluation device with the model
-        self.classifier, self.classifier_accuracy = load_classifier(settings.classifier) if settings.classifier \
-            else (None, None)
+        self.classifier, self.classifier_accuracy = (
+            load_classifier(settings.classifier) if settings.classifier else (None, None)
+        )
         self.results: dict[int, dict[str, float]] = {}
         self.stderr: dict[int, dict[str, float]] = {}
         self.items = 0  # test items evaluated (per K)
@@ -142,8 +150,9 @@ class Evaluator(L.LightningModule):
             sums = self._sums.setdefault(k, {})
             for name, values in evaluate_batch(self.module, batch, k, self.settings, self.classifier).items():
                 v = values.double()
-                moments = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device),
-                                       v.sum(), v.pow(2).sum()])
+                moments = torch.stack(
+                    [torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device), v.sum(), v.pow(2).sum()]
+                )
                 sums[name] = sums[name] + moments if name in sums else moments
 
     def totals(self) -> tuple[list[tuple[int, str]], torch.Tensor]:
@@ -163,8 +172,14 @@ class Evaluator(L.LightningModule):
             self.results.setdefault(k, {})[name] = mean
             self.stderr.setdefault(k, {})[name] = math.sqrt(variance / count)
             self.items = int(count)
-        self.log_dict({f"eval/{name}_k{k}": torch.tensor(v, dtype=torch.float32)
-                       for k, row in self.results.items() for name, v in row.items()}, sync_dist=False)
+        self.log_dict(
+            {
+                f"eval/{name}_k{k}": torch.tensor(v, dtype=torch.float32)
+                for k, row in self.results.items()
+                for name, v in row.items()
+            },
+            sync_dist=False,
+        )
 
 
 def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir: Path, device) -> list[Path]:
@@ -173,8 +188,12 @@ def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir
         return []
     module = module.to(device).eval()
     batch = next(iter(loader))[: settings.grid_images].to(device, torch.float32)
-    nets = {t: (readjust_bn(module, loader, t, settings.bn_readjust_batches, device) if settings.bn_readjust
-                else module).net for t in settings.temperatures}
+    nets = {
+        t: (
+            readjust_bn(module, loader, t, settings.bn_readjust_batches, device) if settings.bn_readjust else module
+        ).net
+        for t in settings.temperatures
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in k_range(module.hparams.k_max, batch):
@@ -196,8 +215,10 @@ def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
     """``cfg.ckpt_path`` (``last``: the newest training run's last.ckpt) and its module, checked
     against the dataset config before any data is prepared."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
-        raise BadInputError("evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
-                            "(or ckpt_path=last for the newest training run)")
+        raise BadInputError(
+            "evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
+            "(or ckpt_path=last for the newest training run)"
+        )
     path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, "train")
     model = load_model(str(path))
     check_dataset(model.hparams, cfg.dataset, path)
@@ -230,7 +251,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
                 "seconds": round(seconds, 1),
             }
             write_report(results, evaluator.stderr, info, out_dir)
-            paths = write_grids(model, datamodule.test_dataloader(), settings, out_dir / "images", trainer.strategy.root_device)
+            paths = write_grids(
+                model, datamodule.test_dataloader(), settings, out_dir / "images", trainer.strategy.root_device
+            )
             for path in paths:
                 log_images(trainer.loggers, f"eval/{path.stem}", read_image(str(path)).float() / 255, 0)
     finally:

@@ -8,6 +8,7 @@ of the flat gradient, and DDP copies reduced gradients back in place. The module
 unchanged. Moving the module to another device afterwards gives the tensors new storage: call
 ``flat_parameters`` again (``is_flat`` tells).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def is_flat(flat: torch.Tensor | None, tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` still live in ``flat`` (a device move gives them new storage)."""
-    return flat is not None and all(t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-                                    for t in tensors)
+    return flat is not None and all(
+        t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for t in tensors
+    )
 
 
 def flat_parameters(module: nn.Module) -> nn.Parameter:

@@ -10,13 +10,14 @@ zero-padded, and ``--resize`` resizes any other size (bilinear).
 
 Python API: ``fuse(module, views)`` on tensors, ``load_views(paths, module)``, ``fuse_files(...)``.
 """
+
 from __future__ import annotations
 
 import argparse
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ def load_image(path: str | Path, channels: int, image_size: int, crop: int = 0, 
             img = img.convert("L" if channels == 1 else "RGB")
             x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, channels)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated or broken files
-        raise BadInputError(f"{path} is not an image file that can be read ({exc.__class__.__name__}); "
-                            f"pass PNG or JPEG views") from None
+        raise BadInputError(
+            f"{path} is not an image file that can be read ({exc.__class__.__name__}); pass PNG or JPEG views"
+        ) from None
     x = x.permute(2, 0, 1).float() / 255.0
     h, w = x.shape[1:]
     if (h, w) == (image_size, image_size):
@@ -72,10 +74,17 @@ def load_image(path: str | Path, channels: int, image_size: int, crop: int = 0, 
     if crop and (h, w) == (inner, inner):
         return F.pad(x, (crop, crop, crop, crop))
     if resize:
-        return F.interpolate(x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", antialias=True,
-                             align_corners=False).squeeze(0).clamp(0, 1)
+        return (
+            F.interpolate(
+                x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+            )
+            .squeeze(0)
+            .clamp(0, 1)
+        )
     sizes = f"{image_size}x{image_size}" + (f" (or {inner}x{inner}, zero-padded)" if crop else "")
-    raise ValueError(f"{path}: image is {w}x{h} but the model expects {sizes}; pass --resize (resize=True) to resize it")
+    raise ValueError(
+        f"{path}: image is {w}x{h} but the model expects {sizes}; pass --resize (resize=True) to resize it"
+    )
 
 
 def load_views(paths: Sequence[str | Path], module: FusionVAEModule, resize: bool = False) -> torch.Tensor:
@@ -93,16 +102,20 @@ def check_views(module: FusionVAEModule, views: torch.Tensor) -> None:
     hp = module.hparams
     shape = (hp.get("channels", NET_DEFAULTS["channels"]), *(2 * [hp.get("image_size", NET_DEFAULTS["image_size"])]))
     if views.shape[0] > hp.k_max or tuple(views.shape[1:]) != shape:
-        raise BadInputError(f"views are {tuple(views.shape)} but the model takes [K <= {hp.k_max}, {shape[0]}, "
-                            f"{shape[1]}, {shape[2]}] (K, C, H, W); load files with load_views() to convert them")
-    if not views.is_floating_point() or (views.numel() and not (torch.isfinite(views).all() and
-                                                                 0 <= views.min() and views.max() <= 1)):
+        raise BadInputError(
+            f"views are {tuple(views.shape)} but the model takes [K <= {hp.k_max}, {shape[0]}, "
+            f"{shape[1]}, {shape[2]}] (K, C, H, W); load files with load_views() to convert them"
+        )
+    if not views.is_floating_point() or (
+        views.numel() and not (torch.isfinite(views).all() and 0 <= views.min() and views.max() <= 1)
+    ):
         raise BadInputError(f"views must be float images in [0, 1] (got {views.dtype}); divide 8-bit images by 255")
 
 
 @torch.no_grad()
-def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, temperature: float = 1.0,
-         decode: str = "sample") -> FusionResult:
+def fuse(
+    module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, temperature: float = 1.0, decode: str = "sample"
+) -> FusionResult:
     """``num_samples`` fused images and the mean image (t = 0) from ``views [K, C, H, W]`` in
     [0, 1] (eval mode, fp32). ``decode``: ``sample`` draws each image from p(y | z), ``mean``
     takes the likelihood's mean image for each z."""
@@ -115,16 +128,26 @@ def fuse(module: FusionVAEModule, views: torch.Tensor, num_samples: int = 8, tem
     device = next(module.parameters()).device
     x = views.to(device, torch.float32).unsqueeze(0)
     mean = mean_image(module.net, x)[0]
-    samples = draw(module.net, x, num_samples, temperature, decode)[0] if num_samples else mean.new_zeros(0, *mean.shape)
+    samples = (
+        draw(module.net, x, num_samples, temperature, decode)[0] if num_samples else mean.new_zeros(0, *mean.shape)
+    )
     result = FusionResult(views.float().cpu(), samples.cpu(), mean.cpu(), module.hparams.k_max, temperature)
     if not (torch.isfinite(result.samples).all() and torch.isfinite(result.mean).all()):
         raise FloatingPointError("the model produced non-finite pixels")
     return result
 
 
-def fuse_files(ckpt: str | Path, images: Sequence[str | Path], out: str | Path, num_samples: int = 8,
-               temperature: float = 1.0, resize: bool = False, device: str = "cpu", seed: int | None = 0,
-               decode: str = "sample") -> FusionResult:
+def fuse_files(
+    ckpt: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    resize: bool = False,
+    device: str = "cpu",
+    seed: int | None = 0,
+    decode: str = "sample",
+) -> FusionResult:
     """Load ``ckpt``, fuse the image files and write the grid (inputs | mean | samples) to ``out``."""
     if seed is not None:
         torch.manual_seed(seed)
@@ -143,15 +166,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="grid image file to write (e.g. grid.png)")
     parser.add_argument("--samples", type=int, default=8, help="number of fused samples (default 8)")
     parser.add_argument("--temperature", type=float, default=1.0, help="prior temperature of the samples (default 1)")
-    parser.add_argument("--decode", choices=("sample", "mean"), default="sample",
-                        help="sample: draw each image from p(y|z); mean: its mean image (default sample)")
+    parser.add_argument(
+        "--decode",
+        choices=("sample", "mean"),
+        default="sample",
+        help="sample: draw each image from p(y|z); mean: its mean image (default sample)",
+    )
     parser.add_argument("--resize", action="store_true", help="resize inputs of another size to the model's size")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     try:
-        fuse_files(args.ckpt, args.images, args.out, args.samples, args.temperature, args.resize, args.device,
-                   args.seed, args.decode)
+        fuse_files(
+            args.ckpt,
+            args.images,
+            args.out,
+            args.samples,
+            args.temperature,
+            args.resize,
+            args.device,
+            args.seed,
+            args.decode,
+        )
     except (FileNotFoundError, ValueError, FusionVAEError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {args.out}")

@@ -1,4 +1,5 @@
 """Build datamodule, model, callbacks, loggers and trainer from a Hydra config."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,12 @@ def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
     if not cfg:
         return []
     nodes = [node for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
-    return [instantiate(node, **{k: v for k, v in (wandb or {}).items() if not node.get(k)})
-            if str(node._target_).endswith("WandbLogger") else instantiate(node) for node in nodes]
+    return [
+        instantiate(node, **{k: v for k, v in (wandb or {}).items() if not node.get(k)})
+        if str(node._target_).endswith("WandbLogger")
+        else instantiate(node)
+        for node in nodes
+    ]
 
 
 def wandb_identity(cfg: DictConfig, wandb_id: str | None = None) -> dict:
@@ -65,8 +70,9 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     clip = cfg.trainer.get("gradient_clip_val")
     if model is not None and clip:
         model.gradient_clip_val = float(clip)
-    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False,
-                          gradient_clip_val=None)
+    trainer = instantiate(
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False, gradient_clip_val=None
+    )
     return datamodule, model, trainer
 
 

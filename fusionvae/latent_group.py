@@ -4,6 +4,7 @@ A group runs its decoder cells on the state s, maps ``e_k + Conv1x1(s)`` of ever
 parameters with one shared head, forms the prior (the aggregate of the K views, or the
 unconditional prior for K = 0) and the posterior (the target slot), draws z and combines it with s.
 """
+
 from __future__ import annotations
 
 import re
@@ -52,8 +53,16 @@ class LatentGroup(nn.Module):
         d_mu, d_log_sigma = params.float().chunk(2, dim=1)
         return Normal(prior.mu + soft_clamp(d_mu), prior.sigma * soft_clamp(d_log_sigma).exp())
 
-    def forward(self, s: torch.Tensor, slot_feats: torch.Tensor | None, k: int, draw: str, t: float,
-                stats, run_cells=lambda cells, x: cells(x)) -> torch.Tensor:
+    def forward(
+        self,
+        s: torch.Tensor,
+        slot_feats: torch.Tensor | None,
+        k: int,
+        draw: str,
+        t: float,
+        stats,
+        run_cells=lambda cells, x: cells(x),
+    ) -> torch.Tensor:
         """The next decoder state; adds this group's KL, log q(z) and log p(z) to ``stats``.
 
         ``slot_feats [n, slots, ch, h, w]`` holds the K views, then the target when ``draw`` is
@@ -80,8 +89,13 @@ class LatentGroup(nn.Module):
 
 
 _LEGACY = re.compile(r"(dec_cells|enc_proj|heads|prior_heads|combiners)\.(\d+)\.")
-_RENAMED = {"dec_cells": "cells", "enc_proj": "enc_proj", "heads": "head", "prior_heads": "prior_head",
-            "combiners": "combiner"}
+_RENAMED = {
+    "dec_cells": "cells",
+    "enc_proj": "enc_proj",
+    "heads": "head",
+    "prior_heads": "prior_head",
+    "combiners": "combiner",
+}
 
 
 def legacy_key_map(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -91,5 +105,5 @@ def legacy_key_map(module: nn.Module, state_dict: dict, prefix: str, *args) -> N
         match = _LEGACY.match(key, len(prefix))
         if match:
             name, index = match.groups()
-            new = f"{prefix}latent_groups.{index}.{_RENAMED[name]}.{key[match.end():]}"
+            new = f"{prefix}latent_groups.{index}.{_RENAMED[name]}.{key[match.end() :]}"
             state_dict[new] = state_dict.pop(key)

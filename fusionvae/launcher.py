@@ -4,6 +4,7 @@ task per GPU, as Lightning's SLURM DDP wants), whatever sets them (trainer or ex
 command line). The sizes are added to the command line as literal ``hydra.launcher.*`` overrides
 before Hydra starts, so ``--cfg hydra`` shows them and every job of a sweep gets the same job size;
 an explicit ``hydra.launcher.<key>=`` wins."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ def _sizing_overrides(args: list[str]) -> list[str]:
     picked = [a for a in args if "=" in a and _key(a).split(".")[0].split("/")[0] in _SIZING]
     swept = [a for a in picked if "," in a.split("=", 1)[1] or "(" in a.split("=", 1)[1]]
     if swept:
-        raise BadInputError(f"{swept[0]}: the jobs of one SLURM sweep share one job size; sweep trainer "
-                            f"sizes in separate commands")
+        raise BadInputError(
+            f"{swept[0]}: the jobs of one SLURM sweep share one job size; sweep trainer sizes in separate commands"
+        )
     return picked
 
 
@@ -37,8 +39,10 @@ def trainer_size(args: list[str], config_dir: Path) -> tuple[int, int]:
         cfg = compose("train", overrides=_sizing_overrides(args))
     nodes, devices = cfg.trainer.get("num_nodes", 1), cfg.trainer.get("devices", 1)
     if not isinstance(devices, int) or not isinstance(nodes, int):
-        raise BadInputError(f"hydra/launcher=submitit_slurm needs numbers: trainer.devices={devices}, "
-                            f"trainer.num_nodes={nodes}; set e.g. trainer.devices=4 trainer.num_nodes=2")
+        raise BadInputError(
+            f"hydra/launcher=submitit_slurm needs numbers: trainer.devices={devices}, "
+            f"trainer.num_nodes={nodes}; set e.g. trainer.devices=4 trainer.num_nodes=2"
+        )
     return nodes, devices
 
 
@@ -52,4 +56,8 @@ def size_launcher(argv: list[str], config_dir: Path) -> list[str]:
     given = {_key(a) for a in args}
     sizes = {"nodes": nodes, "tasks_per_node": devices, "gpus_per_node": devices}
     # first: positional overrides cannot follow options such as --cfg
-    return [argv[0], *(f"hydra.launcher.{k}={v}" for k, v in sizes.items() if f"hydra.launcher.{k}" not in given), *args]
+    return [
+        argv[0],
+        *(f"hydra.launcher.{k}={v}" for k, v in sizes.items() if f"hydra.launcher.{k}" not in given),
+        *args,
+    ]

@@ -1,4 +1,5 @@
 """Building blocks: weight-normalised conv, squeeze-excitation, BN, resampling skips."""
+
 from __future__ import annotations
 
 import torch

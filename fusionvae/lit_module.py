@@ -4,6 +4,7 @@ The objective itself lives in ``fusionvae.objective``, the optimiser and its sch
 ``fusionvae.optim``, sampling in ``fusionvae.sampling``; this module wires them into Lightning and
 owns the skip policy for non-finite steps.
 """
+
 from __future__ import annotations
 
 import lightning as L
@@ -16,8 +17,16 @@ from .compile import compile_network
 from .errors import TooManySkippedSteps
 from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
 from .network import FusionVAE
-from .objective import (LossSettings, Terms, compute_terms, kl_balance_alpha, kl_warmup, split_views, to_units,
-                        training_loss)
+from .objective import (
+    LossSettings,
+    Terms,
+    compute_terms,
+    kl_balance_alpha,
+    kl_warmup,
+    split_views,
+    to_units,
+    training_loss,
+)
 from .optim import OptimSettings, build_optimizer
 from .regularizers import SpectralPenalty, batchnorm_penalty
 
@@ -46,8 +55,19 @@ class FusionVAEModule(L.LightningModule):
         if crop < 0:
             raise ValueError(f"model.crop must be >= 0, got {crop}")
         # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses)
-        self.save_hyperparameters(dict(optim=optim, loss=loss, k_max=k_max, crop=crop, bits_per_dim=bits_per_dim,
-                                       seed=seed, compile=compile, compile_mode=compile_mode, **net))
+        self.save_hyperparameters(
+            dict(
+                optim=optim,
+                loss=loss,
+                k_max=k_max,
+                crop=crop,
+                bits_per_dim=bits_per_dim,
+                seed=seed,
+                compile=compile,
+                compile_mode=compile_mode,
+                **net,
+            )
+        )
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)
         self.net = FusionVAE(**net)
@@ -65,7 +85,9 @@ class FusionVAEModule(L.LightningModule):
     def configure_model(self) -> None:
         """``model.compile``: torch.compile the network in place, once (``fusionvae.compile``)."""
         if self.hparams.compile:
-            compile_network(self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max)
+            compile_network(
+                self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max
+            )
 
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:
@@ -99,8 +121,9 @@ class FusionVAEModule(L.LightningModule):
         self.spectral.start_step()
         terms = self.terms(batch, k)
         settings = self.loss_settings
-        beta = kl_warmup(self.global_step, self.trainer.estimated_stepping_batches,
-                         settings.kl_warmup_portion, settings.kl_min_beta)
+        beta = kl_warmup(
+            self.global_step, self.trainer.estimated_stepping_batches, settings.kl_warmup_portion, settings.kl_min_beta
+        )
         reg = self.regulariser()
         loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
         grad_norm = self._optimise(loss, opt, sched)
@@ -113,11 +136,23 @@ class FusionVAEModule(L.LightningModule):
 
     def _log_training(self, terms: Terms, loss, reg, beta: float, grad_norm, k: int) -> None:
         nelbo = self.units(terms.nelbo, terms.target).mean().detach()
-        self.log_dict({
-            "train/loss": loss.detach(), "train/nelbo": nelbo, "train/kl": terms.kl.sum(1).mean().detach(),
-            "train/recon": terms.nll.mean().detach(), "train/reg": reg.detach(), "train/beta": beta,
-            "train/grad_norm": grad_norm, "train/k": float(k), "train/skipped_steps": self.skipped_steps.float(),
-        }, prog_bar=False, on_step=True, on_epoch=False, batch_size=terms.target.shape[0])
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/nelbo": nelbo,
+                "train/kl": terms.kl.sum(1).mean().detach(),
+                "train/recon": terms.nll.mean().detach(),
+                "train/reg": reg.detach(),
+                "train/beta": beta,
+                "train/grad_norm": grad_norm,
+                "train/k": float(k),
+                "train/skipped_steps": self.skipped_steps.float(),
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+            batch_size=terms.target.shape[0],
+        )
         self.log("nelbo", nelbo, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     def _all_ranks(self, ok: torch.Tensor) -> bool:
@@ -194,12 +229,17 @@ class FusionVAEModule(L.LightningModule):
             raise TooManySkippedSteps(
                 f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradients "
                 f"(limit model.loss.max_consecutive_skips={limit}) at step {self.global_step}; the checkpoints "
-                f"in {folder} are from before them: lower model.optim.lr or check the data, then resume")
+                f"in {folder} are from before them: lower model.optim.lr or check the data, then resume"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        wandb_ids = [lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)]
-        checkpoint["fusionvae"] = {"consecutive_skips": int(self.consecutive_skips),
-                                   "wandb_id": str(wandb_ids[0]) if wandb_ids and wandb_ids[0] else None}
+        wandb_ids = [
+            lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)
+        ]
+        checkpoint["fusionvae"] = {
+            "consecutive_skips": int(self.consecutive_skips),
+            "wandb_id": str(wandb_ids[0]) if wandb_ids and wandb_ids[0] else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
@@ -232,5 +272,6 @@ class FusionVAEModule(L.LightningModule):
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         # the model is on its device by now; object.__setattr__: not a registered parameter of its own
         object.__setattr__(self, "_flat_params", flat_parameters(self))
-        return build_optimizer([self._flat_params], self.optim_settings, self.trainer.estimated_stepping_batches,
-                               epochs)
+        return build_optimizer(
+            [self._flat_params], self.optim_settings, self.trainer.estimated_stepping_batches, epochs
+        )

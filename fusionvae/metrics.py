@@ -6,6 +6,7 @@
 - ``sample_metrics``: best-of-N and mean-of-N of those metrics for N samples per item, and the
   samples' ``diversity`` (mean pairwise RMS distance; 0 for one sample or a deterministic net).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def central_crop(images: torch.Tensor, crop: int) -> torch.Tensor:
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(f"expected two [B, C, H, W] image batches of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected two [B, C, H, W] image batches of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -47,8 +50,9 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     """Per-image peak signal-to-noise ratio in dB ``[B]`` (torchmetrics), at most
     10 log10(range^2 / ``MSE_FLOOR``) so identical images give 100 dB, not inf."""
     _check(pred, target)
-    value = peak_signal_noise_ratio(pred.float(), target.float(), data_range=data_range, reduction="none",
-                                    dim=(1, 2, 3))
+    value = peak_signal_noise_ratio(
+        pred.float(), target.float(), data_range=data_range, reduction="none", dim=(1, 2, 3)
+    )
     return value.clamp_max(10.0 * math.log10(data_range**2 / MSE_FLOOR))
 
 
@@ -57,10 +61,11 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     sigma 1.5, reflection padding), averaged over channels and pixels of each image."""
     _check(pred, target)
     if min(pred.shape[-2:]) <= SSIM_WINDOW // 2:
-        raise ValueError(f"SSIM with a {SSIM_WINDOW}px window needs images larger than {SSIM_WINDOW // 2}px, "
-                         f"got {tuple(pred.shape[-2:])}")
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=data_range,
-                                               reduction="none")
+        raise ValueError(
+            f"SSIM with a {SSIM_WINDOW}px window needs images larger than {SSIM_WINDOW // 2}px, "
+            f"got {tuple(pred.shape[-2:])}"
+        )
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=data_range, reduction="none")
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,9 @@ IMAGE_METRICS = {
 }
 
 
-def sample_metrics(samples: torch.Tensor, target: torch.Tensor, crop: int = 0, data_range: float = 1.0) -> dict[str, torch.Tensor]:
+def sample_metrics(
+    samples: torch.Tensor, target: torch.Tensor, crop: int = 0, data_range: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Best-of-N and mean-of-N image metrics of ``samples [B, N, C, H, W]`` against ``target
     [B, C, H, W]`` over the central crop: ``{mse,psnr,ssim}_{best,mean}``, each ``[B]``.
 
@@ -87,7 +94,10 @@ def sample_metrics(samples: torch.Tensor, target: torch.Tensor, crop: int = 0, d
     and SSIM); mean-of-N averages the metric over the N samples.
     """
     if samples.dim() != 5 or samples.shape[0] != target.shape[0] or samples.shape[2:] != target.shape[1:]:
-        raise ValueError(f"expected samples [B, N, C, H, W] and target [B, C, H, W], got {tuple(samples.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected samples [B, N, C, H, W] and target [B, C, H, W], "
+            f"got {tuple(samples.shape)} and {tuple(target.shape)}"
+        )
     b, n = samples.shape[:2]
     flat = central_crop(samples.flatten(0, 1), crop)
     ref = central_crop(target, crop).repeat_interleave(n, dim=0)

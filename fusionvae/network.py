@@ -9,6 +9,7 @@ Glossary: K = number of input views; slot = one image of the folded stack (K vie
 target when given); group = one latent variable z_l; scale = one resolution of the hierarchy;
 t = sampling temperature; s = decoder state.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,10 +75,19 @@ class FusionVAE(nn.Module):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
-        _validate(image_size, skip, likelihood, num_preprocess_blocks, num_postprocess_blocks, num_latent_scales,
-                  num_channels=num_channels, num_groups_per_scale=num_groups_per_scale,
-                  num_latent_per_group=num_latent_per_group, num_preprocess_cells=num_preprocess_cells,
-                  num_postprocess_cells=num_postprocess_cells)
+        _validate(
+            image_size,
+            skip,
+            likelihood,
+            num_preprocess_blocks,
+            num_postprocess_blocks,
+            num_latent_scales,
+            num_channels=num_channels,
+            num_groups_per_scale=num_groups_per_scale,
+            num_latent_per_group=num_latent_per_group,
+            num_preprocess_cells=num_preprocess_cells,
+            num_postprocess_cells=num_postprocess_cells,
+        )
         self.aggregation = check_aggregation(aggregation)
         self.channels, self.skip, self.res_dist, self.stochastic = channels, skip, res_dist, stochastic
         self.z_ch = num_latent_per_group
@@ -85,8 +95,9 @@ class FusionVAE(nn.Module):
         self.likelihood_cls, self.num_mix = LIKELIHOODS[likelihood], num_mix
         self.groups = groups_per_scale(num_latent_scales, num_groups_per_scale, ada_groups, min_groups_per_scale)
         self.groups_decoder_order = self.groups[::-1]
-        ch = self._build_encoder(num_channels, num_preprocess_blocks, num_preprocess_cells,
-                                 num_cell_per_cond_enc, use_se)
+        ch = self._build_encoder(
+            num_channels, num_preprocess_blocks, num_preprocess_cells, num_cell_per_cond_enc, use_se
+        )
         top = image_size // 2 ** (num_preprocess_blocks + num_latent_scales - 1)
         self.top_state = nn.Parameter(torch.randn(1, ch, top, top))
         ch = self._build_decoder(ch, num_cell_per_cond_dec, dec_expand, use_se)
@@ -109,8 +120,11 @@ class FusionVAE(nn.Module):
         self.preprocess = nn.Sequential(*pre)
         self.enc_groups, self.enc_down = nn.ModuleList(), nn.ModuleList()
         for scale, n in enumerate(self.groups):
-            self.enc_groups.append(nn.ModuleList(
-                nn.Sequential(*[encoder_cell(ch, use_se=use_se) for _ in range(cells_per_group)]) for _ in range(n)))
+            self.enc_groups.append(
+                nn.ModuleList(
+                    nn.Sequential(*[encoder_cell(ch, use_se=use_se) for _ in range(cells_per_group)]) for _ in range(n)
+                )
+            )
             if scale < len(self.groups) - 1:
                 self.enc_down.append(encoder_cell(ch, down=True, use_se=use_se))
                 ch *= 2
@@ -140,7 +154,9 @@ class FusionVAE(nn.Module):
                 post.append(decoder_cell(ch, up=up, expand=expand, use_se=use_se))
                 ch = ch // 2 if up else ch
         self.postprocess = nn.Sequential(*post)
-        self.image_head = nn.Sequential(nn.ELU(), conv(ch, self.likelihood_cls.num_params(self.channels, self.num_mix), 3))
+        self.image_head = nn.Sequential(
+            nn.ELU(), conv(ch, self.likelihood_cls.num_params(self.channels, self.num_mix), 3)
+        )
 
     # ---- forward ------------------------------------------------------------------------------
     @property
@@ -207,19 +223,23 @@ class _LatentStats:
         self.log_p = torch.zeros(n, device=device)
 
 
-def _validate(image_size: int, skip: str, likelihood: str, pre_blocks: int, post_blocks: int, scales: int,
-              **sizes: int) -> None:
+def _validate(
+    image_size: int, skip: str, likelihood: str, pre_blocks: int, post_blocks: int, scales: int, **sizes: int
+) -> None:
     """Reject impossible settings with the config key to change."""
     if skip not in SKIP_MODES:
         raise ValueError(f"unknown skip mode '{skip}'; choose one of {', '.join(SKIP_MODES)} (model.skip)")
     if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood '{likelihood}'; choose one of {', '.join(LIKELIHOODS)} (model.likelihood)")
+        raise ValueError(
+            f"unknown likelihood '{likelihood}'; choose one of {', '.join(LIKELIHOODS)} (model.likelihood)"
+        )
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"model.{name} must be >= 1, got {value}")
     factor = 2 ** (pre_blocks + scales - 1)
     if image_size % factor or post_blocks != pre_blocks:
         raise ValueError(
-            f"image_size {image_size} must be divisible by 2^(num_preprocess_blocks + num_latent_scales - 1) = {factor} "
+            f"image_size {image_size} must be divisible by "
+            f"2^(num_preprocess_blocks + num_latent_scales - 1) = {factor} "
             f"and num_postprocess_blocks ({post_blocks}) must equal num_preprocess_blocks ({pre_blocks}) (model.*)"
         )

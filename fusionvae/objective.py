@@ -7,6 +7,7 @@ benchmarks all compute.
 - ``training_loss``: NLL + beta-weighted balanced KL + lambda * regulariser;
 - ``to_units``: nats per image, or bits per dimension.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ class LossSettings:
     max_consecutive_skips: int | None = 50  # stop after more non-finite steps in a row
 
     @classmethod
-    def from_dict(cls, values: dict | None, key: str = "model.loss") -> "LossSettings":
+    def from_dict(cls, values: dict | None, key: str = "model.loss") -> LossSettings:
         return settings_from_dict(cls, values, key)
 
 
@@ -39,8 +40,9 @@ def settings_from_dict(cls, values: dict | None, key: str):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values or {}) - names)
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(f'{key}.{u}' for u in unknown)}; "
-                         f"known: {', '.join(sorted(names))}")
+        raise ValueError(
+            f"unknown setting(s) {', '.join(f'{key}.{u}' for u in unknown)}; known: {', '.join(sorted(names))}"
+        )
     return cls(**(values or {}))
 
 
@@ -108,7 +110,9 @@ def kl_balance_alpha(groups_decoder_order: list[int]) -> torch.Tensor:
     return alpha / alpha.min()
 
 
-def balanced_kl(kl: torch.Tensor, alpha: torch.Tensor, beta: float, balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_kl(
+    kl: torch.Tensor, alpha: torch.Tensor, beta: float, balance: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``beta *`` KL summed over groups ``[B, L] -> [B]``. While beta < 1 (and ``balance``), groups
     are reweighted by gamma_l ~ mean_batch|KL_l| / alpha_l (detached, mean 1) so that no group
     collapses early. Returns the weighted KL and the gammas."""
@@ -120,8 +124,9 @@ def balanced_kl(kl: torch.Tensor, alpha: torch.Tensor, beta: float, balance: boo
     return beta * (kl * gamma).sum(dim=1), gamma
 
 
-def training_loss(terms: Terms, alpha: torch.Tensor, beta: float, settings: LossSettings,
-                  regulariser: torch.Tensor) -> torch.Tensor:
+def training_loss(
+    terms: Terms, alpha: torch.Tensor, beta: float, settings: LossSettings, regulariser: torch.Tensor
+) -> torch.Tensor:
     """The scalar minimised in training: mean(NLL + beta-weighted balanced KL) + lambda * reg."""
     kl_weighted, _ = balanced_kl(terms.kl, alpha, beta, settings.kl_balance)
     return (terms.nll + kl_weighted).mean() + settings.weight_decay_norm * regulariser

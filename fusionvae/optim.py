@@ -1,4 +1,5 @@
 """Adamax with a linear warm-up then a cosine learning-rate schedule (docs/design.md §1.2)."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ class OptimSettings:
     warmup_epochs: float = 5  # linear warm-up, converted to steps
 
     @classmethod
-    def from_dict(cls, values: dict | None, key: str = "model.optim") -> "OptimSettings":
+    def from_dict(cls, values: dict | None, key: str = "model.optim") -> OptimSettings:
         return settings_from_dict(cls, values, key)
 
 
@@ -35,10 +36,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, lr_
 def build_optimizer(params, settings: OptimSettings, total_steps: int, epochs: int) -> dict:
     """Lightning's ``configure_optimizers`` result: Adamax (foreach: one multi-tensor update per
     step) and the per-step warm-up + cosine schedule over ``total_steps``."""
-    opt = torch.optim.Adamax(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
-                             foreach=True)
+    opt = torch.optim.Adamax(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, foreach=True)
     total = max(1, int(total_steps))
     warmup = max(1, int(settings.warmup_epochs * total / max(1, epochs)))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: warmup_cosine(step, warmup, total, settings.lr, settings.lr_min))
+        opt, lambda step: warmup_cosine(step, warmup, total, settings.lr, settings.lr_min)
+    )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

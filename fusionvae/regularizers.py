@@ -1,4 +1,5 @@
 """Spectral regularisation of every weight-normalised conv and the BN-gamma L-inf penalty."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -43,8 +44,9 @@ class SpectralPenalty(nn.Module):
     @staticmethod
     def _weights(convs: list[WNConv2d]) -> torch.Tensor:
         """``[G, out, in k k]``: this step's normalised weights, reused from the forward pass."""
-        return torch.stack([(c.last_weight if c.last_weight is not None else c.normalized_weight()).flatten(1)
-                            for c in convs])
+        return torch.stack(
+            [(c.last_weight if c.last_weight is not None else c.normalized_weight()).flatten(1) for c in convs]
+        )
 
     def start_step(self) -> None:
         """Forget the weights of the previous step's forward pass (call before each forward)."""
@@ -71,4 +73,6 @@ class SpectralPenalty(nn.Module):
 
 def batchnorm_penalty(model: nn.Module) -> torch.Tensor:
     """Sum over BN layers of max |gamma|."""
-    return sum(m.weight.abs().max() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine)
+    return sum(
+        m.weight.abs().max() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+    )

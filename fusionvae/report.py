@@ -1,11 +1,12 @@
 """Evaluation reports: metrics.json / metrics.csv / metrics.md and a metric-vs-K plot per run, and
 the helpers ``scripts/collect_results.py`` uses for the comparison table across runs."""
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from .metrics import IMAGE_METRICS
 
@@ -13,13 +14,26 @@ from .metrics import IMAGE_METRICS
 METRICS = {
     "nelbo": "NELBO",
     "iw_nll": "IW-NLL",
-    **{f"{name}_{kind}": f"{metric.header} {kind}" for name, metric in IMAGE_METRICS.items() for kind in ("best", "mean")},
+    **{
+        f"{name}_{kind}": f"{metric.header} {kind}"
+        for name, metric in IMAGE_METRICS.items()
+        for kind in ("best", "mean")
+    },
     "class_best": "Class best",  # eval.classifier: share of items with a sample of the target's class
     "class_mean": "Class mean",
     "diversity": "Diversity",
 }
-MODEL_KEYS = ("aggregation", "skip", "res_dist", "stochastic", "num_latent_scales", "num_groups_per_scale",
-              "num_channels", "num_latent_per_group", "likelihood")
+MODEL_KEYS = (
+    "aggregation",
+    "skip",
+    "res_dist",
+    "stochastic",
+    "num_latent_scales",
+    "num_groups_per_scale",
+    "num_channels",
+    "num_latent_per_group",
+    "likelihood",
+)
 
 
 def infer_model_name(hparams: Mapping) -> str:
@@ -70,8 +84,12 @@ def per_k_rows(results: Mapping[int, Mapping[str, float]]) -> list[dict]:
 
 def metric_columns(rows: Iterable[Mapping]) -> list[str]:
     """Metric keys present in ``rows``: the known ones in ``METRICS`` order, then any others."""
-    present = {key for row in rows for key, value in row.items()
-               if isinstance(value, float) and key != "K" and key not in MODEL_KEYS}
+    present = {
+        key
+        for row in rows
+        for key, value in row.items()
+        if isinstance(value, float) and key != "K" and key not in MODEL_KEYS
+    }
     known = [m for m in METRICS if m in present]
     return known + sorted(present - set(known))
 
@@ -82,12 +100,18 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: list[Mapping], columns: list[str], headers: Mapping[str, str] | None = None,
-                   errors: list[Mapping] | None = None) -> str:
+def markdown_table(
+    rows: list[Mapping],
+    columns: list[str],
+    headers: Mapping[str, str] | None = None,
+    errors: list[Mapping] | None = None,
+) -> str:
     """A markdown table; with ``errors`` (rows of standard errors, same order) cells read ``mean ± se``."""
     headers = headers or {}
-    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|",
+    ]
     for i, row in enumerate(rows):
         err = errors[i] if errors else {}
         cells = [_fmt(row.get(c)) + (f" ± {_fmt(err[c])}" if c in METRICS and c in err else "") for c in columns]
@@ -116,8 +140,13 @@ def _readable_limits(ax, values: list[float], errors: list[float]) -> None:
     ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
 
 
-def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: str | None = None,
-                      errors: Mapping[str, list[Mapping]] | None = None, count: int | None = None) -> Path:
+def plot_metrics_vs_k(
+    series: Mapping[str, list[Mapping]],
+    path: Path,
+    units: str | None = None,
+    errors: Mapping[str, list[Mapping]] | None = None,
+    count: int | None = None,
+) -> Path:
     """One panel per metric, metric against K, one line per entry of ``series`` (label -> rows),
     with standard-error bars from ``errors`` (label -> rows of the same shape) and the item count."""
     import matplotlib
@@ -146,7 +175,7 @@ def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: st
         ax.set_xlabel("K (input views)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_xticks(sorted({row["K"] for rows in series.values() for row in rows}))
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     if count:
         fig.suptitle(f"mean over {count} items; bars: standard error", fontsize=9)
@@ -162,8 +191,12 @@ def plot_metrics_vs_k(series: Mapping[str, list[Mapping]], path: Path, units: st
     return path
 
 
-def write_report(results: Mapping[int, Mapping[str, float]], stderr: Mapping[int, Mapping[str, float]],
-                 info: Mapping, out_dir: Path | str) -> dict[str, Path]:
+def write_report(
+    results: Mapping[int, Mapping[str, float]],
+    stderr: Mapping[int, Mapping[str, float]],
+    info: Mapping,
+    out_dir: Path | str,
+) -> dict[str, Path]:
     """metrics.json (``info``, ``per_k`` rows, their ``stderr`` and the means over K),
     metrics.csv and metrics.md (one row per K) and metrics_vs_k.png in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -171,16 +204,28 @@ def write_report(results: Mapping[int, Mapping[str, float]], stderr: Mapping[int
     rows, errors = per_k_rows(results), per_k_rows(stderr)
     columns = ["K", *metric_columns(rows)]
     units = info.get("units")
-    over_k = {name: sum(row[name] for row in rows) / len(rows) for name in ("nelbo", "iw_nll") if rows and
-              all(name in row for row in rows)}
+    over_k = {
+        name: sum(row[name] for row in rows) / len(rows)
+        for name in ("nelbo", "iw_nll")
+        if rows and all(name in row for row in rows)
+    }
     paths = {name: out_dir / f"metrics.{name}" for name in ("json", "csv", "md")}
     paths["json"].write_text(json.dumps({**info, "per_k": rows, "stderr": errors, "mean_over_k": over_k}, indent=2))
     write_csv(rows, columns, paths["csv"])
     model = info.get("model") or {}
-    paths["md"].write_text(f"# Evaluation: {model.get('name', 'model')}\n\n" + _facts(info) + "\n"
-                           + markdown_table(rows, columns, {**headers_for(units), "K": "K"}, errors))
-    paths["png"] = plot_metrics_vs_k({model.get("name", "model"): rows}, out_dir / "metrics_vs_k.png", units,
-                                     {model.get("name", "model"): errors}, info.get("items"))
+    paths["md"].write_text(
+        f"# Evaluation: {model.get('name', 'model')}\n\n"
+        + _facts(info)
+        + "\n"
+        + markdown_table(rows, columns, {**headers_for(units), "K": "K"}, errors)
+    )
+    paths["png"] = plot_metrics_vs_k(
+        {model.get("name", "model"): rows},
+        out_dir / "metrics_vs_k.png",
+        units,
+        {model.get("name", "model"): errors},
+        info.get("items"),
+    )
     return paths
 
 
@@ -190,8 +235,12 @@ def _facts(info: Mapping) -> str:
     if info.get("items"):
         facts.append(f"{info['items']} test items")
     if model:
-        facts.append(", ".join(f"{k}={model[k]}" for k in ("aggregation", "skip", "res_dist", "stochastic") if k in model))
+        facts.append(
+            ", ".join(f"{k}={model[k]}" for k in ("aggregation", "skip", "res_dist", "stochastic") if k in model)
+        )
     if eval_cfg:
-        facts.append(f"S={eval_cfg.get('iw_samples')} importance samples, N={eval_cfg.get('num_samples')} samples "
-                     f"at t={eval_cfg.get('sample_temperature')} ({eval_cfg.get('decode')} images)")
+        facts.append(
+            f"S={eval_cfg.get('iw_samples')} importance samples, N={eval_cfg.get('num_samples')} samples "
+            f"at t={eval_cfg.get('sample_temperature')} ({eval_cfg.get('decode')} images)"
+        )
     return "".join(f"- {fact}\n" for fact in facts)

@@ -13,6 +13,7 @@
 
 Under DDP the decision to save or stop is all-reduced, so every rank saves and stops together.
 """
+
 from __future__ import annotations
 
 import signal
@@ -42,8 +43,14 @@ def _on_signal(signum, frame) -> None:
 class RunGuard(L.Callback):
     """Periodic ``last.ckpt``, SIGTERM / SIGUSR1 -> checkpoint + ``Preempted``, stale-temp cleanup."""
 
-    def __init__(self, dirpath: str | None = None, filename: str = "last", every_minutes: float | None = 30.0,
-                 every_n_steps: int | None = None, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "last",
+        every_minutes: float | None = 30.0,
+        every_n_steps: int | None = None,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+    ):
         if every_minutes is not None and every_minutes <= 0:
             raise ValueError(f"callbacks.run_guard.every_minutes must be > 0 or null, got {every_minutes}")
         if every_n_steps is not None and every_n_steps < 1:
@@ -118,8 +125,12 @@ class RunGuard(L.Callback):
             return
         path = self.path(trainer)
         for callback in trainer.checkpoint_callbacks:  # their `last` is this file: keep their state in step
-            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath and \
-                    Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}" == path:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.save_last
+                and callback.dirpath
+                and Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}" == path
+            ):
                 callback.last_model_path = str(path)  # before saving: it is part of the saved state
         trainer.save_checkpoint(path, weights_only=False)
         self._last_time, self._last_step = time.monotonic(), trainer.global_step

@@ -3,6 +3,7 @@
 Every check here runs before any data is prepared and fails with one line naming the problem
 and the fix (``fusionvae.errors``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,8 +20,17 @@ from .network import FusionVAE
 LAST = "last"  # ckpt_path=last: the newest <log_dir>/<task_name>/runs/*/checkpoints/last.ckpt
 NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 # model keys that may change on resume: they do not change the weights' shapes or meaning
-_NOT_ARCHITECTURE = {"_target_", "_convert_", "optim", "loss", "seed", "channels_last", "compile", "compile_mode",
-                     "activation_checkpointing"}
+_NOT_ARCHITECTURE = {
+    "_target_",
+    "_convert_",
+    "optim",
+    "loss",
+    "seed",
+    "channels_last",
+    "compile",
+    "compile_mode",
+    "activation_checkpointing",
+}
 
 
 def resolve_ckpt_path(value: Any, log_dir: str | Path, task_name: str) -> Path | None:
@@ -33,8 +43,10 @@ def resolve_ckpt_path(value: Any, log_dir: str | Path, task_name: str) -> Path |
     runs = Path(str(log_dir)).expanduser().absolute() / task_name / "runs"
     found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise CheckpointNotFoundError(f"ckpt_path=last: there is no {runs}/*/checkpoints/last.ckpt yet; "
-                                      f"give the checkpoint path (paths.log_dir / task_name select the folder)")
+        raise CheckpointNotFoundError(
+            f"ckpt_path=last: there is no {runs}/*/checkpoints/last.ckpt yet; "
+            f"give the checkpoint path (paths.log_dir / task_name select the folder)"
+        )
     return found[-1]
 
 
@@ -42,14 +54,18 @@ def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict (tensors memory-mapped, not read); one-line errors if missing or damaged."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<run dir>/checkpoints/last.ckpt, "
-                                      f"or ckpt_path=last for the newest run)")
+        raise CheckpointNotFoundError(
+            f"checkpoint not found: {path} (set ckpt_path=<run dir>/checkpoints/last.ckpt, "
+            f"or ckpt_path=last for the newest run)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, junk bytes, foreign pickles: many types
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}): it is damaged or not a PyTorch "
-                              f"checkpoint; use another one (e.g. an epoch*.ckpt beside it)") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({reason}): it is damaged or not a PyTorch "
+            f"checkpoint; use another one (e.g. an epoch*.ckpt beside it)"
+        ) from None
     if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
         raise CheckpointError(f"{path} is not a FusionVAE training checkpoint (no state_dict / hyper_parameters)")
     return ckpt
@@ -61,26 +77,36 @@ def _image_spec(channels: Any, size: Any, k_max: Any) -> str:
 
 def check_dataset(hparams: Any, dataset: DictConfig, path: str | Path) -> None:
     """Refuse a checkpoint whose model does not fit the dataset config (channels, size, k_max)."""
-    model = (hparams.get("channels", NET_DEFAULTS["channels"]), hparams.get("image_size", NET_DEFAULTS["image_size"]),
-             hparams.get("k_max", 3))
+    model = (
+        hparams.get("channels", NET_DEFAULTS["channels"]),
+        hparams.get("image_size", NET_DEFAULTS["image_size"]),
+        hparams.get("k_max", 3),
+    )
     data = (dataset.get("channels"), dataset.get("image_size"), dataset.get("k_max"))
     if any(d is not None and d != m for m, d in zip(model, data)):
         name = str(dataset.get("_target_", "the dataset")).rsplit(".", 1)[-1]
-        raise CheckpointError(f"checkpoint {path} is a model for {_image_spec(*model)}, but the dataset config "
-                              f"({name}) gives {_image_spec(*data)}: pick the dataset it was trained on "
-                              f"(dataset=..., dataset.k_max=...) or a checkpoint for this dataset")
+        raise CheckpointError(
+            f"checkpoint {path} is a model for {_image_spec(*model)}, but the dataset config "
+            f"({name}) gives {_image_spec(*data)}: pick the dataset it was trained on "
+            f"(dataset=..., dataset.k_max=...) or a checkpoint for this dataset"
+        )
 
 
 def check_model(hparams: Any, model: DictConfig, path: str | Path) -> None:
     """Refuse to resume into a different architecture (the weights would not fit)."""
     wanted = OmegaConf.to_container(model, resolve=True)
-    diffs = [f"model.{k}: checkpoint {hparams[k]!r}, config {v!r}" for k, v in wanted.items()
-             if k not in _NOT_ARCHITECTURE and k in hparams and hparams[k] != v]
+    diffs = [
+        f"model.{k}: checkpoint {hparams[k]!r}, config {v!r}"
+        for k, v in wanted.items()
+        if k not in _NOT_ARCHITECTURE and k in hparams and hparams[k] != v
+    ]
     if diffs:
         run = run_dir_of(Path(path))
         where = f" (see {run}/.hydra/overrides.yaml)" if run else ""
-        raise CheckpointError(f"checkpoint {path} has another model than the config ({'; '.join(diffs)}): "
-                              f"resume with the overrides of the original run{where}")
+        raise CheckpointError(
+            f"checkpoint {path} has another model than the config ({'; '.join(diffs)}): "
+            f"resume with the overrides of the original run{where}"
+        )
 
 
 def run_dir_of(ckpt: Path) -> Path | None:
@@ -107,8 +133,11 @@ def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
     (this run's go to ``<run>/.hydra/resume_<time>``). Unchanged for sweeps, an explicit
     ``hydra.run.dir``, or a checkpoint outside a run folder."""
     args = list(argv[1:])
-    if any(a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-c", "--cfg") or
-           a.startswith("hydra.run.dir=") for a in args):
+    if any(
+        a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-c", "--cfg")
+        or a.startswith("hydra.run.dir=")
+        for a in args
+    ):
         return list(argv)
     where = [i for i, a in enumerate(args) if a.lstrip("+").startswith("ckpt_path=")]
     if not where:
@@ -158,6 +187,8 @@ def evaluate_on_training_dataset(argv: list[str], config_dir: Path) -> list[str]
         return list(argv)
     given = [a.split("=", 1)[1] for a in args if a.startswith("dataset=")]
     if given and given[-1] != choice:
-        raise SystemExit(f"error: {ckpt} was trained on dataset={choice}; drop dataset={given[-1]} (evaluate.py "
-                         f"takes the dataset from the checkpoint's run) or evaluate a checkpoint trained on it")
+        raise SystemExit(
+            f"error: {ckpt} was trained on dataset={choice}; drop dataset={given[-1]} (evaluate.py "
+            f"takes the dataset from the checkpoint's run) or evaluate a checkpoint trained on it"
+        )
     return [argv[0], f"dataset={choice}", *settings, *[a for a in args if not a.startswith("dataset=")]]

@@ -1,6 +1,7 @@
 """What a training run tells its loggers and its user: the resolved config and parameter counts
 once (so runs can be compared by dataset, corruption and trainer settings), the run directory at
 the start, and the best validation NELBO with its checkpoint and a per-K table at the end."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,11 @@ def run_hyperparameters(cfg: DictConfig, model, trainer=None) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     config = {k: v for k, v in config.items() if k not in ("hydra", "paths")}
     if trainer is not None and isinstance(config.get("trainer"), dict):
-        config["trainer"].update(precision=str(trainer.precision), accelerator=type(trainer.accelerator).__name__,
-                                 world_size=trainer.world_size)
+        config["trainer"].update(
+            precision=str(trainer.precision),
+            accelerator=type(trainer.accelerator).__name__,
+            world_size=trainer.world_size,
+        )
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {**config, "params": {"total": params, "trainable": trainable}}
@@ -37,8 +41,11 @@ def summary(trainer) -> str:
     lines = []
     if callback is not None and callback.best_model_path:
         score = callback.best_model_score  # None for a checkpoint callback without a monitor
-        lines.append(f"best val/nelbo {float(score):.4f}: {callback.best_model_path}" if score is not None
-                     else f"last checkpoint: {callback.best_model_path}")
+        lines.append(
+            f"best val/nelbo {float(score):.4f}: {callback.best_model_path}"
+            if score is not None
+            else f"last checkpoint: {callback.best_model_path}"
+        )
     metrics = trainer.callback_metrics
     per_k = sorted((int(k.rsplit("_k", 1)[1]), float(v)) for k, v in metrics.items() if k.startswith("val/nelbo_k"))
     if per_k:

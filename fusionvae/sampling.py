@@ -7,6 +7,7 @@
   the target, then a column per temperature (the mean image at t = 0);
 - ``log_images``: send a grid to the attached W&B / TensorBoard loggers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -21,8 +22,9 @@ PAD = 2
 
 
 @torch.no_grad()
-def draw(net, views: torch.Tensor, n: int = 1, t: float = 1.0, decode: str = "sample",
-         chunk: int | None = None) -> torch.Tensor:
+def draw(
+    net, views: torch.Tensor, n: int = 1, t: float = 1.0, decode: str = "sample", chunk: int | None = None
+) -> torch.Tensor:
     """``[B, n, C, H, W]`` images in [0, 1] decoded from z ~ p(z | x) at temperature ``t``, ``chunk``
     z per item and forward pass (one encoder pass each)."""
     if decode not in DECODE_MODES:
@@ -60,8 +62,13 @@ def _crossed_out(like: torch.Tensor) -> torch.Tensor:
     return blank
 
 
-def grid_columns(nets: Mapping[float, torch.nn.Module], views: torch.Tensor, target: torch.Tensor | None,
-                 k_max: int, samples_per_t: int = 1) -> tuple[torch.Tensor, list[str]]:
+def grid_columns(
+    nets: Mapping[float, torch.nn.Module],
+    views: torch.Tensor,
+    target: torch.Tensor | None,
+    k_max: int,
+    samples_per_t: int = 1,
+) -> tuple[torch.Tensor, list[str]]:
     """``[B, columns, C, H, W]`` and the column labels: k_max input slots, the target (if given),
     then for each temperature t of ``nets`` (t -> network, e.g. BN re-adjusted for t) the mean
     image (t = 0) or ``samples_per_t`` samples."""
@@ -83,8 +90,13 @@ def grid_columns(nets: Mapping[float, torch.nn.Module], views: torch.Tensor, tar
     return images, labels
 
 
-def fusion_grid(nets: Mapping[float, torch.nn.Module], views: torch.Tensor, target: torch.Tensor | None,
-                k_max: int, samples_per_t: int = 1) -> torch.Tensor:
+def fusion_grid(
+    nets: Mapping[float, torch.nn.Module],
+    views: torch.Tensor,
+    target: torch.Tensor | None,
+    k_max: int,
+    samples_per_t: int = 1,
+) -> torch.Tensor:
     """A labelled ``[3, H', W']`` grid in [0, 1] of ``grid_columns`` (small images enlarged)."""
     return render_grid(*grid_columns(nets, views, target, k_max, samples_per_t))
 

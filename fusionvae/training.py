@@ -1,4 +1,5 @@
 """The training job behind train.py."""
+
 from __future__ import annotations
 
 import signal

@@ -7,6 +7,7 @@ Walks the given directories (Hydra run or multirun dirs) for ``metrics.json`` fi
 ``model`` choice, aggregation, skip, res_dist). Writes ``<out>.md``, ``<out>.csv`` and
 ``<out>.png``: one row per run and K, means with standard errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,12 +83,23 @@ def collect(roots: list[Path]) -> tuple[list[dict], dict[str, list[dict]], dict[
             run = str(path.parent)
         se = {row["K"]: row for row in stderr}
         for row in per_k:
-            rows.append({"stderr": se.get(row["K"], {}), "label": label, "model": model.get("name"), "aggregation": model.get("aggregation"),
-                         "skip": model.get("skip"), "res_dist": model.get("res_dist"),
-                         "stochastic": model.get("stochastic"), "units": data.get("units"), "run": run,
-                         "ckpt_path": data.get("ckpt_path"),
-                         "train_overrides": " ".join(model.get("train_overrides", [])),
-                         "eval_overrides": " ".join(model.get("eval_overrides", [])), **row})
+            rows.append(
+                {
+                    "stderr": se.get(row["K"], {}),
+                    "label": label,
+                    "model": model.get("name"),
+                    "aggregation": model.get("aggregation"),
+                    "skip": model.get("skip"),
+                    "res_dist": model.get("res_dist"),
+                    "stochastic": model.get("stochastic"),
+                    "units": data.get("units"),
+                    "run": run,
+                    "ckpt_path": data.get("ckpt_path"),
+                    "train_overrides": " ".join(model.get("train_overrides", [])),
+                    "eval_overrides": " ".join(model.get("eval_overrides", [])),
+                    **row,
+                }
+            )
         series[label], errors[label] = per_k, stderr
     rank = {name: i for i, name in enumerate(MODEL_ORDER)}
     first = {label: i for i, label in enumerate(series)}
@@ -105,8 +117,21 @@ def write_comparison(roots: list[Path], out: Path) -> dict[str, Path]:
     metrics = metric_columns(rows)
     headers = {**headers_for(units), "label": "model", "K": "K", "units": "units"}
     md_cols = ["K", "label", *(["units"] if units is None else []), *metrics]
-    csv_cols = ["label", "K", "model", "aggregation", "skip", "res_dist", "stochastic", "units", *metrics,
-                "run", "ckpt_path", "train_overrides", "eval_overrides"]
+    csv_cols = [
+        "label",
+        "K",
+        "model",
+        "aggregation",
+        "skip",
+        "res_dist",
+        "stochastic",
+        "units",
+        *metrics,
+        "run",
+        "ckpt_path",
+        "train_overrides",
+        "eval_overrides",
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {"md": out.with_suffix(".md"), "csv": out.with_suffix(".csv"), "png": out.with_suffix(".png")}
     table = markdown_table(rows, md_cols, headers, [row["stderr"] for row in rows])
@@ -119,8 +144,12 @@ def write_comparison(roots: list[Path], out: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="run / multirun directories (searched recursively)")
-    parser.add_argument("--out", type=Path, default=Path("comparison"),
-                        help="output path without suffix: writes <out>.md, <out>.csv, <out>.png (default ./comparison)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("comparison"),
+        help="output path without suffix: writes <out>.md, <out>.csv, <out>.png (default ./comparison)",
+    )
     args = parser.parse_args(argv)
     paths = write_comparison(args.dirs, args.out)
     print(paths["md"].read_text())

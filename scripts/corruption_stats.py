@@ -5,6 +5,7 @@
 Prints one JSON line: mean view intensity, fraction of non-zero view pixels and the mean of the
 2-px padding, over the first ``n`` validation digits x k_max views.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,18 @@ def main() -> None:
     dm.setup("validate")
     views = torch.stack(dm.val_set.__getitems__(list(range(args.n))))[:, :-1]  # [n, k_max, 1, 32, 32]
     pad = torch.ones(views.shape[-2:], dtype=torch.bool)
-    pad[dm.pad:-dm.pad, dm.pad:-dm.pad] = False
-    print(json.dumps(dict(items=args.n, views=views.shape[1], mean=round(views.mean().item(), 4),
-                          nonzero=round((views > 0).float().mean().item(), 4),
-                          padding_mean=round(views[..., pad].mean().item(), 4))))
+    pad[dm.pad : -dm.pad, dm.pad : -dm.pad] = False
+    print(
+        json.dumps(
+            dict(
+                items=args.n,
+                views=views.shape[1],
+                mean=round(views.mean().item(), 4),
+                nonzero=round((views > 0).float().mean().item(), 4),
+                padding_mean=round(views[..., pad].mean().item(), 4),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

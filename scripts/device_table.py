@@ -6,6 +6,7 @@ Each input line is a JSON record ``{"label", "compile", "status", "seconds", "re
 ``result`` is the last (JSON) line of benchmarks/throughput.py or null when the run failed, timed
 out or was skipped. Lines that are not JSON objects are ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,20 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ["run", "compile", "batch", "K", "precision", "images/s", "ms/step", "peak MiB", "ATen ops/step (kernels)",
-           "vs eager", "wall s", "status"]
+COLUMNS = [
+    "run",
+    "compile",
+    "batch",
+    "K",
+    "precision",
+    "images/s",
+    "ms/step",
+    "peak MiB",
+    "ATen ops/step (kernels)",
+    "vs eager",
+    "wall s",
+    "status",
+]
 
 
 def read_records(lines) -> list[dict]:
@@ -54,10 +67,20 @@ def table(records: list[dict], title: str | None = None) -> str:
         ops = _fmt(res.get("ops_per_step"))
         if res.get("kernel_ops_per_step") is not None:
             ops += f" ({_fmt(res['kernel_ops_per_step'])})"
-        cells = [r["label"], "yes" if r.get("compile") else "no", _fmt(res.get("batch")),
-                 "random" if res and k is None else _fmt(k), _fmt(res.get("precision")), _fmt(res.get("images_per_s")),
-                 _fmt(res.get("ms_per_step")), _fmt(res.get("peak_mib")), ops, speedup,
-                 _fmt(r.get("seconds"), 0), r.get("status", "?")]
+        cells = [
+            r["label"],
+            "yes" if r.get("compile") else "no",
+            _fmt(res.get("batch")),
+            "random" if res and k is None else _fmt(k),
+            _fmt(res.get("precision")),
+            _fmt(res.get("images_per_s")),
+            _fmt(res.get("ms_per_step")),
+            _fmt(res.get("peak_mib")),
+            ops,
+            speedup,
+            _fmt(r.get("seconds"), 0),
+            r.get("status", "?"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

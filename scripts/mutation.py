@@ -15,6 +15,7 @@ It prints one table (killed / survived / timeout / no tests / other / equivalent
 ``--fail-under``. ``--report-only`` tabulates the last run again (after editing the docs).
 Inspect a mutant with ``cd mutants/<name> && python -m mutmut show <mutant>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "mutants"
@@ -44,16 +46,28 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "lmdb_store": ("datamodules/lmdb_store.py", ["tests/test_lmdb_store.py", "tests/test_safety_paths.py"]),
     "checkpoint_io": ("fusionvae/checkpoint_io.py", ["tests/test_checkpoint_io.py", "tests/test_safety_paths.py"]),
     "lmdb_env": ("datamodules/lmdb_env.py", ["tests/test_lmdb_store.py"]),
-    "objective": ("fusionvae/objective.py",
-                  ["tests/test_objective.py", "tests/test_regularizers.py", "tests/test_objective_values.py",
-                   "tests/test_lit_module.py"]),
-    "optim": ("fusionvae/optim.py",
-              ["tests/test_optim.py", "tests/test_regularizers.py", "tests/test_objective_values.py"]),
+    "objective": (
+        "fusionvae/objective.py",
+        [
+            "tests/test_objective.py",
+            "tests/test_regularizers.py",
+            "tests/test_objective_values.py",
+            "tests/test_lit_module.py",
+        ],
+    ),
+    "optim": (
+        "fusionvae/optim.py",
+        ["tests/test_optim.py", "tests/test_regularizers.py", "tests/test_objective_values.py"],
+    ),
     "flat": ("fusionvae/flat.py", ["tests/test_flat.py", "tests/test_objective_values.py"]),
-    "lit_module": ("fusionvae/lit_module.py", ["tests/test_lit_module.py", "tests/test_objective_values.py",
-                                              "tests/test_lit_module_mutants.py"]),
-    "evaluation": ("fusionvae/evaluation.py", ["tests/test_eval_values.py", "tests/test_evaluation.py",
-                                              "tests/test_evaluation_mutants.py"]),
+    "lit_module": (
+        "fusionvae/lit_module.py",
+        ["tests/test_lit_module.py", "tests/test_objective_values.py", "tests/test_lit_module_mutants.py"],
+    ),
+    "evaluation": (
+        "fusionvae/evaluation.py",
+        ["tests/test_eval_values.py", "tests/test_evaluation.py", "tests/test_evaluation_mutants.py"],
+    ),
 }
 
 DETECTED = ("killed", "timeout")  # a mutant that makes the tests hang is detected, too
@@ -156,8 +170,13 @@ def run_module(name: str, workdir: Path, table: dict, env: dict, max_children: i
     print(f"{name}: mutating {module}, tests {' '.join(tests)} (log: {workdir / 'mutmut.log'})", flush=True)
     start = time.monotonic()
     with open(workdir / "mutmut.log", "w") as log:
-        rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
-                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        rc = subprocess.call(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     seconds = time.monotonic() - start
     print(f"{name}: mutmut exited {rc} after {seconds:.0f} s", flush=True)
     if rc != 0:
@@ -203,14 +222,19 @@ def main() -> int:
 
     print_table(rows)
     if seconds:
-        print(f"\nwall time: {sum(seconds.values()) / 60:.1f} min (" +
-              ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items()) + ")")
+        print(
+            f"\nwall time: {sum(seconds.values()) / 60:.1f} min ("
+            + ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
+            + ")"
+        )
     for name, names in survivors.items():
         status = results(RUNS / name, MODULES[name][0])
         unlisted = [n for n in names if n not in accepted]
         if names:
-            print(f"\n{name}: {len(names)} live mutants not detected, {len(unlisted)} not listed in docs/mutation.md "
-                  f"(cd mutants/{name} && python -m mutmut show NAME):")
+            print(
+                f"\n{name}: {len(names)} live mutants not detected, {len(unlisted)} not listed in docs/mutation.md "
+                f"(cd mutants/{name} && python -m mutmut show NAME):"
+            )
             for n in names:
                 print(f"    {n}  [{status[n]}{', accepted in docs/mutation.md' if n in accepted else ''}]")
     (RUNS / "summary.json").write_text(json.dumps(dict(rows=rows, seconds=seconds, survivors=survivors), indent=1))

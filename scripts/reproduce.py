@@ -9,6 +9,7 @@ aggregation ablation), evaluates each with ``evaluate.py`` on the first ``eval_i
 page (``scripts/results_page.py``). Runs live in ``<log_dir>/reproduce/<budget>/``; a finished run
 is not redone, an interrupted one resumes from its last.ckpt, so rerunning the command continues.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,50 @@ class Budget:
 
 
 BUDGETS = {
-    "cpu": Budget(("trainer=cpu", "+trainer.max_steps=1000", "dataset.batch_size=64",
-                   "trainer.limit_val_batches=4", "dataset.num_workers=0"),
-                  eval_items=512, eval_batch=32, iw_samples=20, num_samples=10, classifier_epochs=2,
-                  note="1,000 steps of batch 64 (1.07 epochs) per model on the CPU"),
-    "paper": Budget(("experiment=mnist_paper",), eval_items=10000, eval_batch=250, iw_samples=1000, num_samples=10,
-                    classifier_epochs=2, jobs=1, note="the paper's settings: 400 epochs, batch 800 on 2 GPUs"),
-    "smoke": Budget(("trainer=cpu", "+trainer.max_steps=2", "dataset.batch_size=8", "model/size=tiny",
-                     "trainer.limit_val_batches=1", "dataset.num_workers=0", "dataset.val_batch_size=8"),
-                    eval_items=8, eval_batch=8, iw_samples=2, num_samples=2, classifier_epochs=1,
-                    classifier_items=512, jobs=1, note="a few steps of the tiny model: checks the pipeline"),
+    "cpu": Budget(
+        (
+            "trainer=cpu",
+            "+trainer.max_steps=1000",
+            "dataset.batch_size=64",
+            "trainer.limit_val_batches=4",
+            "dataset.num_workers=0",
+        ),
+        eval_items=512,
+        eval_batch=32,
+        iw_samples=20,
+        num_samples=10,
+        classifier_epochs=2,
+        note="1,000 steps of batch 64 (1.07 epochs) per model on the CPU",
+    ),
+    "paper": Budget(
+        ("experiment=mnist_paper",),
+        eval_items=10000,
+        eval_batch=250,
+        iw_samples=1000,
+        num_samples=10,
+        classifier_epochs=2,
+        jobs=1,
+        note="the paper's settings: 400 epochs, batch 800 on 2 GPUs",
+    ),
+    "smoke": Budget(
+        (
+            "trainer=cpu",
+            "+trainer.max_steps=2",
+            "dataset.batch_size=8",
+            "model/size=tiny",
+            "trainer.limit_val_batches=1",
+            "dataset.num_workers=0",
+            "dataset.val_batch_size=8",
+        ),
+        eval_items=8,
+        eval_batch=8,
+        iw_samples=2,
+        num_samples=2,
+        classifier_epochs=1,
+        classifier_items=512,
+        jobs=1,
+        note="a few steps of the tiny model: checks the pipeline",
+    ),
 }
 
 # name -> (table, train.py overrides): "comparison" rows are the paper's models, "ablation" rows
@@ -68,8 +103,13 @@ RUNS = {
     "fusionvae_bayes_official": ("ablation", ("model=fusionvae", "model.aggregation=bayes_official")),
 }
 SKIP_RUNS = {f"{name}_skip": ("skips", (f"model={name}_skip",)) for name in ("cvae", "fcn")}
-QUIET = ("logger=csv", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
-         "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false")
+QUIET = (
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
+)
 
 
 @dataclass
@@ -94,21 +134,42 @@ def run_step(cmd: list[str], log: Path, env: dict) -> float:
 
 def train_and_evaluate(run: Run, budget: Budget, work: Path, classifier: Path, env: dict) -> Run:
     """Train (or resume, or reuse) and evaluate one run; wall times are kept in ``done.json``."""
-    train_dir, eval_dir, marker = work / "train" / run.name, work / "eval" / run.name, work / "done" / f"{run.name}.json"
+    train_dir, eval_dir, marker = (
+        work / "train" / run.name,
+        work / "eval" / run.name,
+        work / "done" / f"{run.name}.json",
+    )
     if marker.is_file():
         run.seconds = json.loads(marker.read_text())
         return run
     last = train_dir / "checkpoints" / "last.ckpt"
     resume = [f"ckpt_path={last}"] if last.is_file() else []
-    train = [sys.executable, "train.py", *budget.train, *run.overrides, *QUIET, *resume,
-             f"task_name=reproduce_{run.name}", f"hydra.run.dir={train_dir}"]
+    train = [
+        sys.executable,
+        "train.py",
+        *budget.train,
+        *run.overrides,
+        *QUIET,
+        *resume,
+        f"task_name=reproduce_{run.name}",
+        f"hydra.run.dir={train_dir}",
+    ]
     run.seconds["train"] = run_step(train, work / "logs" / f"{run.name}.train.log", env)
-    evaluate = [sys.executable, "evaluate.py", f"ckpt_path={last}", f"hydra.run.dir={eval_dir}",
-                "trainer=cpu" if "trainer=cpu" in budget.train else "trainer=default", "logger=csv",
-                f"dataset.val_batch_size={budget.eval_batch}",
-                f"trainer.limit_test_batches={budget.eval_items // budget.eval_batch}",
-                f"eval.iw_samples={budget.iw_samples}", f"eval.num_samples={budget.num_samples}",
-                f"eval.classifier={classifier}", "eval.grid_images=6", "+trainer.enable_progress_bar=false"]
+    evaluate = [
+        sys.executable,
+        "evaluate.py",
+        f"ckpt_path={last}",
+        f"hydra.run.dir={eval_dir}",
+        "trainer=cpu" if "trainer=cpu" in budget.train else "trainer=default",
+        "logger=csv",
+        f"dataset.val_batch_size={budget.eval_batch}",
+        f"trainer.limit_test_batches={budget.eval_items // budget.eval_batch}",
+        f"eval.iw_samples={budget.iw_samples}",
+        f"eval.num_samples={budget.num_samples}",
+        f"eval.classifier={classifier}",
+        "eval.grid_images=6",
+        "+trainer.enable_progress_bar=false",
+    ]
     run.seconds["eval"] = run_step(evaluate, work / "logs" / f"{run.name}.eval.log", env)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(run.seconds))
@@ -132,21 +193,35 @@ def main(argv: list[str] | None = None) -> Path:
     budget = BUDGETS[args.budget]
     jobs = max(1, args.jobs or budget.jobs)
     work = (args.log_dir / "reproduce" / args.budget).absolute()
-    env = {**os.environ, "FUSIONVAE_DATA_DIR": str(Path(args.data_dir).absolute()), "HYDRA_FULL_ERROR": "1",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))}
+    env = {
+        **os.environ,
+        "FUSIONVAE_DATA_DIR": str(Path(args.data_dir).absolute()),
+        "HYDRA_FULL_ERROR": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))),
+    }
     start = time.time()
-    classifier, accuracy = ensure_classifier(args.data_dir, work / "digit_classifier.pt",
-                                             epochs=budget.classifier_epochs, items=budget.classifier_items)
+    classifier, accuracy = ensure_classifier(
+        args.data_dir, work / "digit_classifier.pt", epochs=budget.classifier_epochs, items=budget.classifier_items
+    )
     print(f"digit classifier {classifier}: clean test accuracy {accuracy:.4f}", flush=True)
-    runs = [Run(name, table, overrides) for name, (table, overrides) in {**RUNS, **(SKIP_RUNS if args.skips else {})}.items()]
+    runs = [
+        Run(name, table, overrides)
+        for name, (table, overrides) in {**RUNS, **(SKIP_RUNS if args.skips else {})}.items()
+    ]
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(train_and_evaluate, run, budget, work, classifier, env) for run in runs]
         for future in futures:
             run = future.result()
             print(f"{run.name}: train {run.seconds['train']:.0f} s, eval {run.seconds['eval']:.0f} s", flush=True)
-    facts = {"command": " ".join(["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
-             "budget": args.budget, "budget_settings": budget, "jobs": jobs, "threads": env["OMP_NUM_THREADS"],
-             "wall_seconds": time.time() - start, "classifier_accuracy": accuracy}
+    facts = {
+        "command": " ".join(["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
+        "budget": args.budget,
+        "budget_settings": budget,
+        "jobs": jobs,
+        "threads": env["OMP_NUM_THREADS"],
+        "wall_seconds": time.time() - start,
+        "classifier_accuracy": accuracy,
+    }
     page = write_page(runs, work, args.out, facts)
     print(f"wrote {page}")
     return page

@@ -2,10 +2,12 @@
 budget, hardware, wall time), per-K tables with standard errors, metric-vs-K plots, labelled grids
 and findings computed from the numbers. Text between the discussion markers of an existing page is
 kept, so a hand-written discussion survives a rerun."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -74,8 +76,13 @@ def figures(names: list[str], data: dict[str, dict], work: Path, fig_dir: Path, 
     """The metric-vs-K plot of ``names`` and their K = 1, 3 grids copied into ``fig_dir``; markdown lines."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     items = data[names[0]].get("items")
-    plot = plot_metrics_vs_k({n: data[n]["per_k"] for n in names}, fig_dir / f"{stem}.png", data[names[0]].get("units"),
-                             {n: data[n]["stderr"] for n in names}, items)
+    plot = plot_metrics_vs_k(
+        {n: data[n]["per_k"] for n in names},
+        fig_dir / f"{stem}.png",
+        data[names[0]].get("units"),
+        {n: data[n]["stderr"] for n in names},
+        items,
+    )
     lines = [f"![{stem}](results/{plot.name})\n"]
     for name in names if stem.endswith("comparison") else []:
         for k in GRID_KS:
@@ -93,12 +100,14 @@ def hardware() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0))
+    return f"{cpu}, {cores} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def commit() -> str:
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return (git("rev-parse", "--short", "HEAD") or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
@@ -106,25 +115,30 @@ def commit() -> str:
 def facts_section(runs, facts: dict, data: dict[str, dict]) -> str:
     budget = facts["budget_settings"]
     first = data[runs[0].name]
-    per_run = "\n".join(f"| {r.name} | {' '.join(r.overrides)} | {r.seconds['train']:.0f} | {r.seconds['eval']:.0f} |"
-                        for r in runs)
+    per_run = "\n".join(
+        f"| {r.name} | {' '.join(r.overrides)} | {r.seconds['train']:.0f} | {r.seconds['eval']:.0f} |" for r in runs
+    )
     total = sum(r.seconds["train"] + r.seconds["eval"] for r in runs)
-    return (f"- command: `{facts['command']}` (with `FUSIONVAE_DATA_DIR` pointing at MNIST)\n"
-            f"- commit: `{commit()}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-            f"- budget `{facts['budget']}`: {budget.note}; shared overrides `{' '.join(budget.train)}`\n"
-            f"- evaluation: the first {first.get('items')} test items (fixed corruption, `dataset.val_seed`), "
-            f"S = {budget.iw_samples} importance samples, N = {budget.num_samples} samples at t = 1 (mean images); "
-            f"± are standard errors over items\n"
-            f"- digit classifier (`fusionvae.classifier`): {facts['classifier_accuracy']:.4f} accuracy on clean MNIST test digits\n"
-            f"- hardware: {hardware()}; {facts['jobs']} runs in parallel, {facts['threads']} thread(s) each\n"
-            f"- wall time: {facts['wall_seconds'] / 60:.1f} min for this invocation; {total / 60:.1f} min of run time summed over runs\n\n"
-            f"| run | overrides | train s | eval s |\n|---|---|---:|---:|\n{per_run}\n")
+    return (
+        f"- command: `{facts['command']}` (with `FUSIONVAE_DATA_DIR` pointing at MNIST)\n"
+        f"- commit: `{commit()}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- budget `{facts['budget']}`: {budget.note}; shared overrides `{' '.join(budget.train)}`\n"
+        f"- evaluation: the first {first.get('items')} test items (fixed corruption, `dataset.val_seed`), "
+        f"S = {budget.iw_samples} importance samples, N = {budget.num_samples} samples at t = 1 (mean images); "
+        f"± are standard errors over items\n"
+        f"- digit classifier (`fusionvae.classifier`): {facts['classifier_accuracy']:.4f} accuracy on clean "
+        f"MNIST test digits\n"
+        f"- hardware: {hardware()}; {facts['jobs']} runs in parallel, {facts['threads']} thread(s) each\n"
+        f"- wall time: {facts['wall_seconds'] / 60:.1f} min for this invocation; "
+        f"{total / 60:.1f} min of run time summed over runs\n\n"
+        f"| run | overrides | train s | eval s |\n|---|---|---:|---:|\n{per_run}\n"
+    )
 
 
 def kept_discussion(page: Path) -> str:
     text = page.read_text() if page.is_file() else ""
     if BEGIN in text and END in text:
-        return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n")
+        return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip("\n")
     return "_(not written yet)_"
 
 
@@ -133,19 +147,30 @@ def write_page(runs, work: Path, out: Path, facts: dict) -> Path:
     groups = {table: [r.name for r in runs if r.table == table] for table in ("comparison", "ablation", "skips")}
     groups["ablation"] = ["fusionvae", *groups["ablation"]]
     page, fig_dir = out / "results.md", out / "results"
-    parts = [f"# Results: FusionMNIST (budget `{facts['budget']}`)\n\nMade by `scripts/reproduce.py`; rerun the "
-             f"command below to regenerate every number, plot and grid on this page.\n\n", facts_section(runs, facts, data)]
+    parts = [
+        f"# Results: FusionMNIST (budget `{facts['budget']}`)\n\nMade by `scripts/reproduce.py`; rerun the "
+        f"command below to regenerate every number, plot and grid on this page.\n\n",
+        facts_section(runs, facts, data),
+    ]
     parts.append(f"\n## Discussion\n\n{BEGIN}\n{kept_discussion(page)}\n{END}\n")
     parts.append("\n## Does each added view help? (IW-NLL per K)\n\n")
     parts += [falls_with_k(name, data[name]) for name in groups["comparison"] + groups["skips"]]
     for rival in groups["comparison"][1:]:
         parts.append(f"\n### FusionVAE minus {rival} (negative IW-NLL and positive PSNR / class = FusionVAE ahead)\n\n")
         parts.append(compare("fusionvae", rival, data))
-    for title, names in (("Comparison", groups["comparison"] + groups["skips"]), ("Aggregation ablation", groups["ablation"])):
+    for title, names in (
+        ("Comparison", groups["comparison"] + groups["skips"]),
+        ("Aggregation ablation", groups["ablation"]),
+    ):
         stem = f"mnist_{title.split()[-1].lower()}"
-        parts += [f"\n## {title}\n\nLikelihood (nats, central 28x28), semantic accuracy and diversity:\n\n",
-                  table(names, data, LIKELIHOOD), "\nPixel metrics against the clean target:\n\n", table(names, data, PIXEL),
-                  "\n", *figures(names, data, work, fig_dir, stem)]
+        parts += [
+            f"\n## {title}\n\nLikelihood (nats, central 28x28), semantic accuracy and diversity:\n\n",
+            table(names, data, LIKELIHOOD),
+            "\nPixel metrics against the clean target:\n\n",
+            table(names, data, PIXEL),
+            "\n",
+            *figures(names, data, work, fig_dir, stem),
+        ]
     out.mkdir(parents=True, exist_ok=True)
     page.write_text("".join(parts))
     return page

@@ -1,4 +1,5 @@
 """Callbacks that the GPU tests add to CLI runs (``+callbacks.<name>._target_=tests.gpu_helpers.<Class>``)."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,10 @@ class SyncBatchNormProbe(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        info = {"sync": sum(isinstance(m, nn.SyncBatchNorm) for m in norms),
-                "plain": sum(not isinstance(m, nn.SyncBatchNorm) for m in norms),
-                "world_size": trainer.world_size, "device": str(pl_module.device)}
+        info = {
+            "sync": sum(isinstance(m, nn.SyncBatchNorm) for m in norms),
+            "plain": sum(not isinstance(m, nn.SyncBatchNorm) for m in norms),
+            "world_size": trainer.world_size,
+            "device": str(pl_module.device),
+        }
         Path(trainer.default_root_dir, f"sync_batchnorm_rank{trainer.global_rank}.json").write_text(json.dumps(info))

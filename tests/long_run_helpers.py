@@ -1,5 +1,6 @@
 """Test-only callbacks that interrupt a training run at a chosen step (added with
 ``+callbacks.<name>._target_=tests.long_run_helpers.<Class>`` on the command line)."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ class SignalAt(L.Callback):
     """At the start of the batch where ``global_step == step``: send ``signal`` to this process
     (``external=False``), or write ``marker`` and wait until someone else sends a signal."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", external: bool = False, marker: str | None = None,
-                 timeout: float = 120.0):
+    def __init__(
+        self,
+        step: int,
+        signal_name: str = "SIGTERM",
+        external: bool = False,
+        marker: str | None = None,
+        timeout: float = 120.0,
+    ):
         self.step, self.signum, self.external = step, getattr(signal, signal_name), external
         self.marker, self.timeout, self.fired = marker, timeout, False
 
@@ -54,7 +61,8 @@ class Poison(L.Callback):
         cell = pl_module.net.latent_groups[1].cells[0]
         if self.kind == "input":
             pl_module.net.stem.register_forward_pre_hook(
-                lambda mod, args: (args[0].index_fill(-1, torch.tensor([3]), float("nan")),) if self.active() else None)
+                lambda mod, args: (args[0].index_fill(-1, torch.tensor([3]), float("nan")),) if self.active() else None
+            )
         elif self.kind == "gradient":
             weight = cell.branch[1].weight
             weight.register_hook(lambda g: g * float("nan") if self.active() else g)

@@ -10,6 +10,7 @@ The makers return the TRUE images (RGB order, before the cv2 swap) so tests can 
 Every tile of a validation record gets a marker in its top-left 4x4 corner (``TILE_MARKERS``) so the
 tile order and the colours are checked pixel for pixel.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,9 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CELEBA_NAMES = {"train": "train.lmdb", "valid": "valid.lmdb"}
-TLESS_NAMES = {"objects": "train128x128cropped5socketClasses.lmdb",
-               "occluders": "train100x100_overlay_imgs_12classes.lmdb",
-               "valid": "valid64x64_augOcc_5socketClasses.lmdb"}
+TLESS_NAMES = {
+    "objects": "train128x128cropped5socketClasses.lmdb",
+    "occluders": "train100x100_overlay_imgs_12classes.lmdb",
+    "valid": "valid64x64_augOcc_5socketClasses.lmdb",
+}
 TILE_MARKERS = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)], dtype=np.uint8)  # views 1-3, target
 GREY_MARKERS = np.array([40, 90, 160, 230], dtype=np.uint8)
 TLESS_FORMATS = ("grey", "rgb", "rgba")
@@ -70,8 +73,9 @@ def _stacks(rng: np.random.Generator, n: int, size: int, grey: bool) -> np.ndarr
     return stacks
 
 
-def make_celeba_official(root: str | Path, n_train: int = 12, n_valid: int = 6, size: int = 64,
-                         seed: int = 0, train_tiles: int = 1) -> dict[str, np.ndarray]:
+def make_celeba_official(
+    root: str | Path, n_train: int = 12, n_valid: int = 6, size: int = 64, seed: int = 0, train_tiles: int = 1
+) -> dict[str, np.ndarray]:
     """``<root>/train.lmdb`` (faces; ``train_tiles`` > 1 writes that many tiles with the face last)
     and ``<root>/valid.lmdb``; returns the true RGB ``train [n, H, W, 3]`` and ``valid [n, 4, H, W, 3]``."""
     root, rng = Path(root), np.random.default_rng(seed)
@@ -101,16 +105,19 @@ def tless_image(rng: np.random.Generator, size: int, fmt: str) -> np.ndarray:
     return colour * (alpha > 0)
 
 
-def make_tless_official(root: str | Path, fmt: str = "grey", n_objects: int = 10, n_occluders: int = 12,
-                        n_valid: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+def make_tless_official(
+    root: str | Path, fmt: str = "grey", n_objects: int = 10, n_occluders: int = 12, n_valid: int = 6, seed: int = 0
+) -> dict[str, np.ndarray]:
     """The three official T-LESS LMDBs under ``root``, objects / occluders in format ``fmt`` (grey,
     rgb or rgba) and grey (``fmt`` grey) or RGB validation stacks; returns the true images."""
     if fmt not in TLESS_FORMATS:
         raise ValueError(f"fmt must be one of {TLESS_FORMATS}, got {fmt!r}")
     root, rng = Path(root), np.random.default_rng(seed)
-    out = {"objects": np.stack([tless_image(rng, 128, fmt) for _ in range(n_objects)]),
-           "occluders": np.stack([tless_image(rng, 100, fmt) for _ in range(n_occluders)]),
-           "valid": _stacks(rng, n_valid, 64, grey=fmt == "grey")}
+    out = {
+        "objects": np.stack([tless_image(rng, 128, fmt) for _ in range(n_objects)]),
+        "occluders": np.stack([tless_image(rng, 100, fmt) for _ in range(n_occluders)]),
+        "valid": _stacks(rng, n_valid, 64, grey=fmt == "grey"),
+    }
     for role in ("objects", "occluders"):
         write_official_lmdb(root / TLESS_NAMES[role], [cv2_png(img) for img in out[role]])
     write_official_lmdb(root / TLESS_NAMES["valid"], [cv2_png(side_by_side(s)) for s in out["valid"]])

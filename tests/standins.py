@@ -7,6 +7,7 @@ strokes; for timings on a machine without MNIST).
 ``make_tless(root)``: a BOP tree ``<root>/train_primesense/<obj 6 digits>/{rgb,mask_visib}/`` with
 ``scene_gt.json`` / ``scene_gt_info.json``; each image shows one coloured object on black.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def make_mnist(root: str | Path, n_train: int = 60_000, n_test: int = 10_000, se
         parts = []
         for start in range(0, n, 10_000):
             m = min(10_000, n - start)
-            cx, cy, a, b = (rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32)
-                            for lo, hi in ((11, 17), (11, 17), (3, 7), (5, 9)))
+            cx, cy, a, b = (
+                rng.uniform(lo, hi, (m, 1, 1)).astype(np.float32) for lo, hi in ((11, 17), (11, 17), (3, 7), (5, 9))
+            )
             ring = np.abs(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 - 1) < 0.45
             stroke = (np.abs(x - cx - (y - cy) * rng.uniform(-0.5, 0.5, (m, 1, 1))) < 1.2) & (np.abs(y - cy) < b)
             parts.append(np.where(ring | (stroke & (rng.random((m, 1, 1)) < 0.5)), 255, 0).astype(np.uint8))
@@ -94,8 +96,15 @@ def make_tless(
             ys, xs = np.nonzero(np.asarray(mask))
             bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
             gt[str(im)] = [{"cam_R_m2c": [1, 0, 0, 0, 1, 0, 0, 0, 1], "cam_t_m2c": [0, 0, 700], "obj_id": obj}]
-            info[str(im)] = [{"bbox_obj": bbox, "bbox_visib": bbox, "px_count_all": len(xs),
-                              "px_count_visib": len(xs), "visib_fract": 1.0}]
+            info[str(im)] = [
+                {
+                    "bbox_obj": bbox,
+                    "bbox_visib": bbox,
+                    "px_count_all": len(xs),
+                    "px_count_visib": len(xs),
+                    "visib_fract": 1.0,
+                }
+            ]
         (scene / "scene_gt.json").write_text(json.dumps(gt))
         (scene / "scene_gt_info.json").write_text(json.dumps(info))
     return root

@@ -120,8 +120,7 @@ def test_aggregation_applies_the_parameterisation_first(mode):
 
 def test_bayes_official_with_several_latent_channels():
     # [B, K, 2Z] with Z = 3: channels 0..2 are the means, 3..5 the log variances
-    params = torch.tensor([[[1.0, 2.0, -1.0, 0.0, 0.0, math.log(4.0)],
-                            [3.0, 2.0, 1.0, math.log(4.0), 0.0, 0.0]]])
+    params = torch.tensor([[[1.0, 2.0, -1.0, 0.0, 0.0, math.log(4.0)], [3.0, 2.0, 1.0, math.log(4.0), 0.0, 0.0]]])
     out = aggregate_params(params, "bayes_official")
     # per channel: gains 1/5, 1/2, 4/5 -> m = (1.4, 2, 0.6), v = (0.8, 0.5, 0.8)
     expected = Normal.from_params(torch.tensor([[1.4, 2.0, 0.6, math.log(0.8), math.log(0.5), math.log(0.8)]]))

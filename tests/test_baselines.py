@@ -1,5 +1,6 @@
 """Baseline model configs (CVAE, FCN, with and without skips), ablation switches and the
 comparison / ablation multirun recipes."""
+
 import math
 import os
 import subprocess
@@ -15,15 +16,20 @@ from tests.conftest import CONF, ROOT, TINY, compose_cfg
 
 
 def fdr_cfg(data_dir, tmp_path, *overrides):
-    return compose_cfg("train", [*TINY, "debug=fdr", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}", *overrides])
+    return compose_cfg(
+        "train", [*TINY, "debug=fdr", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}", *overrides]
+    )
 
 
-@pytest.mark.parametrize("model, groups, stochastic, skip", [
-    ("cvae", 1, True, "none"),
-    ("cvae_skip", 1, True, "max"),
-    ("fcn", 3, False, "none"),
-    ("fcn_skip", 3, False, "max"),
-])
+@pytest.mark.parametrize(
+    "model, groups, stochastic, skip",
+    [
+        ("cvae", 1, True, "none"),
+        ("cvae_skip", 1, True, "max"),
+        ("fcn", 3, False, "none"),
+        ("fcn_skip", 3, False, "max"),
+    ],
+)
 def test_baseline_trains_one_fast_dev_run_step(data_dir, tmp_path, model, groups, stochastic, skip):
     cfg = fdr_cfg(data_dir, tmp_path, f"model={model}")
     module = instantiate(cfg.model)
@@ -54,9 +60,17 @@ def test_fcn_has_no_kl_and_the_skip_changes_the_output():
         torch.testing.assert_close(recon0, recon0_skip)
 
 
-@pytest.mark.parametrize("override", ["model.aggregation=mean", "model.aggregation=bayes", "model.aggregation=bayes_official",
-                                      "model.res_dist=true",
-                                      "model.skip=max", "model.skip=mean"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.aggregation=mean",
+        "model.aggregation=bayes",
+        "model.aggregation=bayes_official",
+        "model.res_dist=true",
+        "model.skip=max",
+        "model.skip=mean",
+    ],
+)
 def test_ablation_switches_build_and_run(override):
     module = instantiate(compose_cfg("train", [*TINY, override]).model).eval()
     key, value = override.split("=")
@@ -73,17 +87,29 @@ def test_sweep_recipes():
         abl = compose("train", overrides=["hparams_search=ablation"], return_hydra_config=True)
     assert str(cmp.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cmp.hydra.sweeper.params) == {"model": "fusionvae,cvae,fcn", "model.skip": "none,max"}
-    assert dict(abl.hydra.sweeper.params) == {"model": "fusionvae", "model.aggregation": "max,mean,bayes,bayes_official",
-                                              "model.res_dist": "false,true"}
+    assert dict(abl.hydra.sweeper.params) == {
+        "model": "fusionvae",
+        "model.aggregation": "max,mean,bayes,bayes_official",
+        "model.res_dist": "false,true",
+    }
 
 
 def test_comparison_multirun_trains_the_grid(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "train.py", "hparams_search=comparison", *TINY, "callbacks.image_grids=null",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        sys.executable,
+        "train.py",
+        "hparams_search=comparison",
+        *TINY,
+        "callbacks.image_grids=null",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

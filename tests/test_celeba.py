@@ -1,4 +1,5 @@
 """FusionCelebA: LMDB generation (datamodules/make_celeba.py) and the datamodule, on a stand-in."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from standins import make_celeba
 
 from datamodules.celeba import FusionCelebADataModule
 from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, read_meta
 from datamodules.make_celeba import CelebASpec, area_resize, build_celeba, main, read_partition
-from standins import make_celeba
 
 COUNTS = {"train": 24, "valid": 8, "test": 8}
 
@@ -79,7 +80,8 @@ def test_generated_lmdbs(root: Path) -> None:
         assert meta["shape"] == ([1, 64, 64, 3] if split == "train" else [4, 64, 64, 3])
         assert meta["seed"] == (None if split == "train" else 0) and meta["version"] == 2
     assert read_meta(lmdb_dir / "valid")["params"] == dict(
-        crop=[15, 40, 163, 188], resize="area", image_size=64, n_ellipses=4, r_low=0, r_high=15, noise_std=0.0)
+        crop=[15, 40, 163, 188], resize="area", image_size=64, n_ellipses=4, r_low=0, r_high=15, noise_std=0.0
+    )
     train = LMDBReader(lmdb_dir / "train").get_many(range(COUNTS["train"]))[:, 0]
     assert np.array_equal(train, _faces(root, "train"))
 
@@ -187,8 +189,21 @@ def test_train_loader_with_workers(root: Path) -> None:
 
 
 def test_cli(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    main(["--root", str(root), "--out", str(tmp_path), "--workers", "0", "--image-size", "32", "--seed", "3",
-          "--no-progress"])
+    main(
+        [
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path),
+            "--workers",
+            "0",
+            "--image-size",
+            "32",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert "valid: " in capsys.readouterr().out
     meta = read_meta(tmp_path / "valid")
     assert meta["shape"] == [4, 32, 32, 3] and meta["seed"] == 3 and meta["count"] == COUNTS["valid"]

@@ -1,4 +1,5 @@
 """Atomic checkpoint writes and the clean-up of their leftovers (fusionvae/checkpoint_io.py)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """The cluster path: the SLURM launcher sized by the trainer, Lightning's SLURM requeue plugin,
 the sbatch example (its SBATCH lines agree with its train.py overrides) and the Optuna search."""
+
 from __future__ import annotations
 
 import re
@@ -8,10 +9,10 @@ import signal
 import subprocess
 
 import pytest
+from conftest import ROOT, compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_cfg
 from fusionvae.checkpoint_io import AtomicCheckpointIO
 from fusionvae.errors import BadInputError
 from fusionvae.launcher import size_launcher
@@ -58,8 +59,22 @@ def test_sizes_come_from_experiment_configs_and_explicit_values_win():
 
 def test_cfg_hydra_shows_the_job_size():
     """The literal command of the issue: `--cfg hydra` prints the sizes, not interpolations."""
-    out = subprocess.run(["python", "train.py", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",
-                          "trainer.num_nodes=2", "--cfg", "hydra"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "python",
+            "train.py",
+            "hydra/launcher=submitit_slurm",
+            "trainer=ddp",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "--cfg",
+            "hydra",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     node = OmegaConf.create(out.stdout).hydra.launcher
     assert (node.tasks_per_node, node.gpus_per_node, node.nodes) == (4, 4, 2)
 
@@ -68,9 +83,15 @@ def test_submitit_writes_usr1_and_the_job_size(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
 
     got = launcher(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
-    text = _make_sbatch_string(command="python -m x", folder=tmp_path, nodes=got["nodes"],
-                               ntasks_per_node=got["tasks_per_node"], gpus_per_node=got["gpus_per_node"],
-                               signal_delay_s=got["signal_delay_s"], additional_parameters=got["additional_parameters"])
+    text = _make_sbatch_string(
+        command="python -m x",
+        folder=tmp_path,
+        nodes=got["nodes"],
+        ntasks_per_node=got["tasks_per_node"],
+        gpus_per_node=got["gpus_per_node"],
+        signal_delay_s=got["signal_delay_s"],
+        additional_parameters=got["additional_parameters"],
+    )
     for line in ("--signal=USR1@90", "--requeue", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"):
         assert f"#SBATCH {line}\n" in text
     assert "USR2" not in text
@@ -81,8 +102,11 @@ def test_slurm_trainer_has_the_requeue_plugin_and_keeps_atomic_writes():
     slurm = [p for p in plugins if type(p).__name__ == "SLURMEnvironment"]
     assert len(slurm) == 1 and slurm[0].auto_requeue is True and slurm[0].requeue_signal == signal.SIGUSR1
     assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
-    assert not any(type(p).__name__ == "SLURMEnvironment"
-                   for p in compose_cfg("train", ["trainer=ddp"]).trainer.plugins for p in [instantiate(p)])
+    assert not any(
+        type(p).__name__ == "SLURMEnvironment"
+        for p in compose_cfg("train", ["trainer=ddp"]).trainer.plugins
+        for p in [instantiate(p)]
+    )
 
 
 def sbatch_command() -> tuple[dict[str, str], list[str]]:
@@ -91,7 +115,7 @@ def sbatch_command() -> tuple[dict[str, str], list[str]]:
     options = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
     (line,) = [ln for ln in text.splitlines() if ln.startswith("srun ") and "train.py" in ln]
     words = shlex.split(line)
-    return options, [w for w in words[words.index("train.py") + 1:] if w != "$@"]
+    return options, [w for w in words[words.index("train.py") + 1 :] if w != "$@"]
 
 
 def test_sbatch_is_valid_bash_and_asks_for_requeue():
@@ -116,8 +140,12 @@ def test_optuna_search_minimises_with_a_seeded_tpe():
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == cfg.seed
-    assert set(sweeper.params) == {"model.optim.lr", "model.loss.kl_warmup_portion", "model.loss.weight_decay_norm",
-                                   "dataset.batch_size"}
+    assert set(sweeper.params) == {
+        "model.optim.lr",
+        "model.loss.kl_warmup_portion",
+        "model.loss.weight_decay_norm",
+        "dataset.batch_size",
+    }
     assert sweeper.params["model.optim.lr"].startswith("tag(log, interval(")
     for key in sweeper.params:  # every searched key exists in the training config
         assert OmegaConf.select(cfg, key) is not None, key

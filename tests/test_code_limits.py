@@ -1,13 +1,21 @@
 """Limits that keep the code easy to hold in one's head: no module over 300 lines, no function
 over 60 lines (tests excluded)."""
+
 import ast
 
 import pytest
-
 from conftest import ROOT
 
-SOURCES = sorted([*ROOT.glob("fusionvae/*.py"), *ROOT.glob("datamodules/*.py"), *ROOT.glob("scripts/*.py"),
-                  *ROOT.glob("benchmarks/*.py"), ROOT / "train.py", ROOT / "evaluate.py"])
+SOURCES = sorted(
+    [
+        *ROOT.glob("fusionvae/*.py"),
+        *ROOT.glob("datamodules/*.py"),
+        *ROOT.glob("scripts/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+        ROOT / "train.py",
+        ROOT / "evaluate.py",
+    ]
+)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,4 +1,5 @@
 """scripts/collect_results.py: one comparison table from (fake) Hydra training and evaluation runs."""
+
 import csv
 import importlib.util
 import json
@@ -18,23 +19,49 @@ METRICS = ("nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", 
 
 def metrics(base):
     """Per-K rows (as evaluate.py writes them) that improve with K; ``base`` shifts the NLLs."""
-    return [{"K": k, **{m: (base - 10 * k if "nll" in m or "elbo" in m else 0.1 * k + (0.01 if "best" in m else 0))
-                        for m in METRICS}} for k in range(4)]
+    return [
+        {
+            "K": k,
+            **{
+                m: (base - 10 * k if "nll" in m or "elbo" in m else 0.1 * k + (0.01 if "best" in m else 0))
+                for m in METRICS
+            },
+        }
+        for k in range(4)
+    ]
 
 
 def fake_eval_run(job, ckpt, per_k, model, overrides=()):
     """A metrics.json as evaluate.py writes it: model facts, overrides, per-K means and stderrs."""
     job.mkdir(parents=True, exist_ok=True)
     stderr = [{"K": row["K"], **{m: 0.5 for m in METRICS}} for row in per_k]
-    data = {"ckpt_path": str(ckpt), "units": "nats", "model": model, "overrides": [f"ckpt_path={ckpt}", *overrides],
-            "per_k": per_k, "stderr": stderr}
+    data = {
+        "ckpt_path": str(ckpt),
+        "units": "nats",
+        "model": model,
+        "overrides": [f"ckpt_path={ckpt}", *overrides],
+        "per_k": per_k,
+        "stderr": stderr,
+    }
     (job / "metrics.json").write_text(json.dumps(data))
 
 
-FUSIONVAE = {"name": "fusionvae", "aggregation": "max", "skip": "none", "res_dist": False, "stochastic": True,
-             "train_overrides": ["model=fusionvae", "model.skip=none"]}
-CVAE = {"name": "cvae", "aggregation": "max", "skip": "max", "res_dist": False, "stochastic": True,
-        "train_overrides": ["model=cvae", "model.skip=max"]}
+FUSIONVAE = {
+    "name": "fusionvae",
+    "aggregation": "max",
+    "skip": "none",
+    "res_dist": False,
+    "stochastic": True,
+    "train_overrides": ["model=fusionvae", "model.skip=none"],
+}
+CVAE = {
+    "name": "cvae",
+    "aggregation": "max",
+    "skip": "max",
+    "res_dist": False,
+    "stochastic": True,
+    "train_overrides": ["model=cvae", "model.skip=max"],
+}
 FCN = {"name": "fcn", "aggregation": "mean", "skip": "max", "res_dist": False, "stochastic": False}
 
 
@@ -104,7 +131,12 @@ def test_no_runs_is_an_error(tmp_path):
 
 def test_script_runs_from_the_command_line(runs, tmp_path):
     _, evals, _ = runs
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "collect_results.py"), str(evals), "--out",
-                           str(tmp_path / "cli")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "collect_results.py"), str(evals), "--out", str(tmp_path / "cli")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 3 | cvae skip=max |" in proc.stdout and (tmp_path / "cli.csv").is_file()

@@ -5,6 +5,7 @@ Inductor needs minutes per graph on a 2-core CPU (the tiny model's first trainin
 so the end-to-end test uses the ``aot_eager`` backend (the same Dynamo / AOTAutograd graphs, run by
 eager kernels) through ``FUSIONVAE_COMPILE_BACKEND``; tests/test_gpu.py compiles with inductor.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,6 +29,7 @@ def counting_backend(graphs: list):
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
+
     return backend
 
 
@@ -50,10 +52,13 @@ def test_one_graph_per_k_and_sampling_stays_eager():
     assert torch._dynamo.config.cache_size_limit >= 16  # 4 per K for K = 0..3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="reduce-overhead", device_type="cpu"), r"model\.compile_mode=reduce-overhead needs CUDA graphs"),
-    (dict(mode="max-autotune", device_type="cuda"), r"model\.compile_mode must be one of default, reduce-overhead"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="reduce-overhead", device_type="cpu"), r"model\.compile_mode=reduce-overhead needs CUDA graphs"),
+        (dict(mode="max-autotune", device_type="cuda"), r"model\.compile_mode must be one of default, reduce-overhead"),
+    ],
+)
 def test_unsupported_modes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compile_network(tiny(), **kwargs)
@@ -66,8 +71,10 @@ def test_activation_checkpointing_is_refused():
 
 def fit(data_dir, out, *overrides):
     """A fast-dev-run with K = 0..1 (k_max=1 keeps it to 3 graphs: training, validation K = 0 and 1)."""
-    cfg = compose_cfg("train", [*TINY, "debug=fdr", "dataset.k_max=1", f"paths.data_dir={data_dir}",
-                                f"paths.output_dir={out}", *overrides])
+    cfg = compose_cfg(
+        "train",
+        [*TINY, "debug=fdr", "dataset.k_max=1", f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides],
+    )
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule)
     return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -90,9 +97,18 @@ def test_compiled_fast_dev_run_matches_eager(data_dir, tmp_path, monkeypatch):
 
 
 def test_reduce_overhead_on_cpu_fails_before_training(data_dir, tmp_path):
-    cfg = compose_cfg("train", [*TINY, "debug=fdr", "trainer=cpu", "model.compile=true",
-                                "model.compile_mode=reduce-overhead", f"paths.data_dir={data_dir}",
-                                f"paths.output_dir={tmp_path}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            *TINY,
+            "debug=fdr",
+            "trainer=cpu",
+            "model.compile=true",
+            "model.compile_mode=reduce-overhead",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path}",
+        ],
+    )
     datamodule, model, trainer = build(cfg)
     with pytest.raises(ValueError, match=r"model\.compile_mode=reduce-overhead needs CUDA graphs .* on 'cpu'"):
         trainer.fit(model, datamodule=datamodule)

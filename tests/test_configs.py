@@ -1,14 +1,14 @@
 """Every config option composes, alone and inside every experiment, and the more specific config
 wins: a model's own keys over its size preset, a size preset over the model defaults, an
 experiment over the groups it overrides, a debug config over the experiment."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF, compose_cfg
+from omegaconf import OmegaConf
 
 GROUPS = ["dataset", "model", "model/size", "trainer", "logger", "callbacks", "debug", "hparams_search"]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

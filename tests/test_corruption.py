@@ -1,4 +1,5 @@
 """Ellipse-window corruption (datamodules/corruption.py, docs/design.md §2)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """FusionDataModule: the items of every split are checked against the config before training."""
+
 import pytest
 import torch
 
@@ -16,10 +17,14 @@ def test_matching_items_pass():
     assert next(iter(dm.val_dataloader())).shape == (3, 4, 1, 32, 32)
 
 
-@pytest.mark.parametrize("shape, config", [((4, 3, 32, 32), "channels"), ((4, 1, 64, 64), "image_size"),
-                                           ((3, 1, 32, 32), "k_max")])
+@pytest.mark.parametrize(
+    "shape, config", [((4, 3, 32, 32), "channels"), ((4, 1, 64, 64), "image_size"), ((3, 1, 32, 32), "k_max")]
+)
 def test_mismatching_items_are_refused_with_the_keys_to_fix(shape, config):
     dm = Fixed(shape, channels=1, image_size=32, k_max=3)
-    with pytest.raises(ValueError, match=rf"Fixed validation / test items are \[{', '.join(map(str, shape))}\] .* "
-                                         rf"expects \[4, 1, 32, 32\]: fix dataset.k_max / dataset.channels"):
+    with pytest.raises(
+        ValueError,
+        match=rf"Fixed validation / test items are \[{', '.join(map(str, shape))}\] .* "
+        rf"expects \[4, 1, 32, 32\]: fix dataset.k_max / dataset.channels",
+    ):
         dm.val_dataloader()

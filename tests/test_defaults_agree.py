@@ -1,15 +1,16 @@
 """Where a default must exist both in Python (signatures, settings classes, dataclasses) and in the
 YAML configs, the two copies agree: a value changed in one place and not the other fails here."""
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 
 import pytest
+from conftest import CONF, compose_cfg
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
 from datamodules.base import FusionDataModule
 from datamodules.make_celeba import CelebASpec
 from datamodules.make_tless import PoolSpec
@@ -24,8 +25,11 @@ def python_defaults(obj) -> dict[str, object]:
     """Keyword defaults of a callable or the field defaults of a dataclass."""
     if dataclasses.is_dataclass(obj):
         return {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
-    return {name: p.default for name, p in inspect.signature(obj).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(obj).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def yaml_values(node) -> dict[str, object]:
@@ -63,8 +67,11 @@ def test_eval_settings():
 
 
 def test_loader_defaults():
-    assert_agree(python_defaults(FusionDataModule), yaml_values(OmegaConf.load(CONF / "dataset" / "_loader.yaml")),
-                 "FusionDataModule vs conf/dataset/_loader.yaml")
+    assert_agree(
+        python_defaults(FusionDataModule),
+        yaml_values(OmegaConf.load(CONF / "dataset" / "_loader.yaml")),
+        "FusionDataModule vs conf/dataset/_loader.yaml",
+    )
 
 
 LOADER_KEYS = set(OmegaConf.load(CONF / "dataset" / "_loader.yaml"))
@@ -81,12 +88,12 @@ def test_datamodule_defaults(dataset):
 
 def test_celeba_and_tless_generator_specs():
     celeba = yaml_values(compose_cfg("train", ["dataset=celeba"]).dataset)
-    assert_agree(python_defaults(CelebASpec), celeba, "CelebASpec vs dataset=celeba",
-                 {"seed": "val_seed"})
+    assert_agree(python_defaults(CelebASpec), celeba, "CelebASpec vs dataset=celeba", {"seed": "val_seed"})
     tless = yaml_values(compose_cfg("train", ["dataset=tless"]).dataset)
     assert_agree(python_defaults(PasteParams), tless, "PasteParams vs dataset=tless")
-    assert_agree(python_defaults(PoolSpec), tless, "PoolSpec vs dataset=tless",
-                 {"occluder_size": "occluder_source_size"})
+    assert_agree(
+        python_defaults(PoolSpec), tless, "PoolSpec vs dataset=tless", {"occluder_size": "occluder_source_size"}
+    )
 
 
 @pytest.mark.parametrize("group, settings", [("optim", OptimSettings), ("loss", LossSettings)])
@@ -97,7 +104,14 @@ def test_unknown_settings_are_refused_not_ignored(group, settings):
 
 def test_no_file_cites_a_design_document_outside_the_repository():
     root = CONF.parent
-    files = [*root.glob("fusionvae/*.py"), *root.glob("datamodules/*.py"), *root.glob("conf/**/*.yaml"),
-             *root.glob("docs/*.md"), *root.glob("scripts/*.py"), *root.glob("benchmarks/*"), root / "README.md"]
+    files = [
+        *root.glob("fusionvae/*.py"),
+        *root.glob("datamodules/*.py"),
+        *root.glob("conf/**/*.yaml"),
+        *root.glob("docs/*.md"),
+        *root.glob("scripts/*.py"),
+        *root.glob("benchmarks/*"),
+        root / "README.md",
+    ]
     citing = [str(f.relative_to(root)) for f in files if "DESIGN.md" in f.read_text()]
     assert citing == [], f"cite docs/design.md instead: {citing}"

@@ -1,5 +1,6 @@
 """benchmarks/device_check.sh: its shell syntax, the refusal without a GPU, and its markdown table
 (scripts/device_table.py) on sample records."""
+
 from __future__ import annotations
 
 import json
@@ -17,26 +18,75 @@ SCRIPT = ROOT / "benchmarks" / "device_check.sh"
 
 
 def result(batch, k, ips, ms, compile_=False):
-    return {"dataset": "FusionMNISTDataModule", "params_m": 0.4, "batch": batch, "k": k, "device": "cuda",
-            "precision": "bf16", "threads": 16, "images_per_s": ips, "ms_per_step": ms, "peak_mib": 812,
-            "peak_kind": "cuda", "ops_per_step": 900 if compile_ else 11415, "kernel_ops_per_step": 800 if compile_ else 7000}
+    return {
+        "dataset": "FusionMNISTDataModule",
+        "params_m": 0.4,
+        "batch": batch,
+        "k": k,
+        "device": "cuda",
+        "precision": "bf16",
+        "threads": 16,
+        "images_per_s": ips,
+        "ms_per_step": ms,
+        "peak_mib": 812,
+        "peak_kind": "cuda",
+        "ops_per_step": 900 if compile_ else 11415,
+        "kernel_ops_per_step": 800 if compile_ else 7000,
+    }
 
 
 def test_table_from_records():
     lines = [
         "some log line",
-        json.dumps({"label": "pytest -m gpu", "compile": False, "status": "ok: 5 passed, 1 skipped", "seconds": 80,
-                    "result": None}),
-        json.dumps({"label": "MNIST b64", "compile": False, "status": "ok", "seconds": 15, "result": result(64, 3, 1000.0, 64.0)}),
-        json.dumps({"label": "MNIST b64", "compile": True, "status": "ok", "seconds": 70,
-                    "result": result(64, 3, 2500.0, 25.6, True)}),
-        json.dumps({"label": "CelebA-size K=0", "compile": True, "status": "timeout (120 s)", "seconds": 120, "result": None}),
-        json.dumps({"label": "CelebA-size K=3", "compile": True, "status": "skipped (time budget)", "seconds": 0,
-                    "result": None}),
+        json.dumps(
+            {
+                "label": "pytest -m gpu",
+                "compile": False,
+                "status": "ok: 5 passed, 1 skipped",
+                "seconds": 80,
+                "result": None,
+            }
+        ),
+        json.dumps(
+            {
+                "label": "MNIST b64",
+                "compile": False,
+                "status": "ok",
+                "seconds": 15,
+                "result": result(64, 3, 1000.0, 64.0),
+            }
+        ),
+        json.dumps(
+            {
+                "label": "MNIST b64",
+                "compile": True,
+                "status": "ok",
+                "seconds": 70,
+                "result": result(64, 3, 2500.0, 25.6, True),
+            }
+        ),
+        json.dumps(
+            {"label": "CelebA-size K=0", "compile": True, "status": "timeout (120 s)", "seconds": 120, "result": None}
+        ),
+        json.dumps(
+            {
+                "label": "CelebA-size K=3",
+                "compile": True,
+                "status": "skipped (time budget)",
+                "seconds": 0,
+                "result": None,
+            }
+        ),
         "{not json",
     ]
     records = read_records(lines)
-    assert [r["label"] for r in records] == ["pytest -m gpu", "MNIST b64", "MNIST b64", "CelebA-size K=0", "CelebA-size K=3"]
+    assert [r["label"] for r in records] == [
+        "pytest -m gpu",
+        "MNIST b64",
+        "MNIST b64",
+        "CelebA-size K=0",
+        "CelebA-size K=3",
+    ]
     text = table(records, "H100, torch 2.11")
     rows = text.splitlines()
     assert rows[0] == "**H100, torch 2.11**" and rows[2].startswith("| run | compile | batch | K |")
@@ -58,8 +108,13 @@ def test_device_check_script_syntax_and_refusal_without_a_gpu(tmp_path):
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the script would run")
-    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OUT": str(tmp_path / "out")})
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+    )
     assert proc.returncode == 3
     assert "no CUDA device" in proc.stderr and "--cpu-dry-run" in proc.stderr
     assert not (tmp_path / "out").exists()  # it stops before doing anything

@@ -1,5 +1,6 @@
 """Evaluator accumulation: the reported per-K metrics are item-weighted means over every
 test item, also over batches of unequal size and across ranks (the gather path)."""
+
 from __future__ import annotations
 
 import types
@@ -29,7 +30,9 @@ def items(n: int, seed: int = 2) -> list[torch.Tensor]:
     return [torch.rand(VIEWS + 1, 1, 32, 32, generator=g) for _ in range(n)]
 
 
-def per_item(m: FusionVAEModule, batches: list[torch.Tensor], rng: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def per_item(
+    m: FusionVAEModule, batches: list[torch.Tensor], rng: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """``{name_k<K>: [N]}`` for the items of ``batches``, replaying the recorded RNG state of every
     network forward (``rng``, from ``ForwardRng``) when given."""
     out: dict[str, list[torch.Tensor]] = {}
@@ -65,8 +68,14 @@ def test_metrics_are_item_weighted_means_over_unequal_batches():
     m = model()
     rec, forwards = Batches(), ForwardRng(m.net)
     evaluator = Evaluator(m, SETTINGS)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[rec])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+    )
     trainer.test(evaluator, DataLoader(items(5), batch_size=3), verbose=False)
     assert [b.shape[0] for b in rec.batches] == [3, 2]
     values = per_item(m, rec.batches, forwards.states)
@@ -104,8 +113,15 @@ def test_rank_totals_are_summed_before_dividing():
 
 def _ddp_results(tmp_path) -> dict[int, dict[str, float]]:
     evaluator = Evaluator(model(stochastic=False), SETTINGS)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.test(evaluator, DataLoader(items(6), batch_size=2), verbose=False)
     assert trainer.world_size == 2
     results: dict[int, dict[str, float]] = {}

@@ -1,5 +1,6 @@
 """Evaluation: IW-NLL against the exact likelihood of a 1-D-latent model, chunking, fp32, BN
 re-adjustment, grids, settings, and evaluate.py's job end to end on a tiny checkpoint."""
+
 import csv
 import json
 import math
@@ -28,8 +29,14 @@ def tiny_module(**overrides) -> FusionVAEModule:
 def save_checkpoint(module: FusionVAEModule, path: Path) -> Path:
     """A checkpoint ``load_from_checkpoint`` reads, without a training run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -44,9 +51,19 @@ def one_dim_latent_model() -> FusionVAEModule:
     is a 1-D integral. The decoder is made to depend strongly on z and the posterior is shifted
     and narrowed, so that q(z|x,y) is a poor proposal and the bounds are visibly loose."""
     torch.manual_seed(0)
-    m = FusionVAEModule(k_max=1, channels=1, image_size=2, num_channels=4, num_preprocess_blocks=1,
-                        num_postprocess_blocks=1, num_latent_scales=1, num_groups_per_scale=1,
-                        num_latent_per_group=1, num_mix=2, channels_last=False).eval()
+    m = FusionVAEModule(
+        k_max=1,
+        channels=1,
+        image_size=2,
+        num_channels=4,
+        num_preprocess_blocks=1,
+        num_postprocess_blocks=1,
+        num_latent_scales=1,
+        num_groups_per_scale=1,
+        num_latent_per_group=1,
+        num_mix=2,
+        channels_last=False,
+    ).eval()
     with torch.no_grad():
         m.net.latent_groups[0].combiner.log_g += math.log(8)
         m.net.image_head[1].log_g += math.log(3)
@@ -133,7 +150,9 @@ def test_deterministic_fcn_iw_nll_is_the_reconstruction_nll():
     # evaluate_batch knows every draw is alike: one posterior pass and one prior pass suffice
     calls = []
     forward = m.net.forward
-    m.net.forward = lambda views, target=None, t=1.0, repeats=1: calls.append(repeats) or forward(views, target, t, repeats)
+    m.net.forward = lambda views, target=None, t=1.0, repeats=1: (
+        calls.append(repeats) or forward(views, target, t, repeats)
+    )
     res = evaluate_batch(m, batch, 1, EvalSettings(iw_samples=50, iw_chunk=10, num_samples=6))
     assert calls == [1, 1]
     torch.testing.assert_close(res["iw_nll"], recon, rtol=1e-5, atol=1e-3)
@@ -156,7 +175,17 @@ def test_evaluate_batch_and_samples():
     batch = fake_batch(3)
     settings = EvalSettings(iw_samples=5, iw_chunk=2, num_samples=4)
     out = evaluate_batch(m, batch, 2, settings)
-    assert set(out) == {"nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean", "diversity"}
+    assert set(out) == {
+        "nelbo",
+        "iw_nll",
+        "mse_best",
+        "mse_mean",
+        "psnr_best",
+        "psnr_mean",
+        "ssim_best",
+        "ssim_mean",
+        "diversity",
+    }
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in out.values())
     assert torch.all(out["mse_best"] <= out["mse_mean"]) and torch.all(out["psnr_best"] >= out["psnr_mean"])
     samples = draw(m.net, split_views(batch, 2)[0], 5, t=0.0, decode="mean", chunk=2)
@@ -192,8 +221,9 @@ def test_bn_readjust_changes_a_copy_only():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # original untouched
     assert not adj.training and all(not bn.training for bn in batchnorm_layers(adj))
     assert all(bn.momentum == 0.05 for bn in batchnorm_layers(adj))
-    changed = [not torch.allclose(a.running_mean, b.running_mean)
-               for a, b in zip(batchnorm_layers(adj), batchnorm_layers(m))]
+    changed = [
+        not torch.allclose(a.running_mean, b.running_mean) for a, b in zip(batchnorm_layers(adj), batchnorm_layers(m))
+    ]
     assert all(changed)  # K = 3 first, so encoder and decoder layers all saw data
     assert all(int(bn.num_batches_tracked) in (2, 3) for bn in batchnorm_layers(adj))  # K = 0 skips the encoder
 
@@ -230,11 +260,23 @@ def test_grid_layout_labels_and_nan_check():
 def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
     ckpt = save_checkpoint(tiny_module(), tmp_path / "ckpt" / "last.ckpt")
     out = tmp_path / "eval"
-    cfg = compose_cfg("evaluate", [*[o for o in TINY if o.startswith("dataset.")], "dataset.val_batch_size=4",
-                                   f"paths.data_dir={data_dir}", f"paths.output_dir={out}", f"ckpt_path={ckpt}",
-                                   "trainer.limit_test_batches=2", "eval.iw_samples=6", "eval.iw_chunk=4",
-                                   "eval.num_samples=3", "eval.grid_images=2", "eval.bn_readjust=true",
-                                   "eval.bn_readjust_batches=2"])
+    cfg = compose_cfg(
+        "evaluate",
+        [
+            *[o for o in TINY if o.startswith("dataset.")],
+            "dataset.val_batch_size=4",
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={out}",
+            f"ckpt_path={ckpt}",
+            "trainer.limit_test_batches=2",
+            "eval.iw_samples=6",
+            "eval.iw_chunk=4",
+            "eval.num_samples=3",
+            "eval.grid_images=2",
+            "eval.bn_readjust=true",
+            "eval.bn_readjust_batches=2",
+        ],
+    )
     results = run_evaluation(cfg)
     saved = json.loads((out / "metrics.json").read_text())
     assert [row["K"] for row in saved["per_k"]] == [0, 1, 2, 3] and sorted(results) == [0, 1, 2, 3]
@@ -246,7 +288,8 @@ def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
         assert results[k]["iw_nll"] <= results[k]["nelbo"] + 1.0  # untrained: a wide gap
         assert -1 <= results[k]["ssim_mean"] <= results[k]["ssim_best"] <= 1
     assert saved["items"] == 8 and saved["mean_over_k"]["nelbo"] == pytest.approx(
-        sum(results[k]["nelbo"] for k in range(4)) / 4)
+        sum(results[k]["nelbo"] for k in range(4)) / 4
+    )
     assert saved["units"] == "nats" and saved["model"]["name"] == "fusionvae" and saved["eval"]["iw_samples"] == 6
     assert saved["test_batches"] == 2
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -1,6 +1,6 @@
 """Direct tests of evaluation.py's settings checks, totals / standard-error maths, checkpoint
 selection, grids and run_evaluation's report fields (heavy parts faked); written against its mutants."""
-import math
+
 import types
 from pathlib import Path
 
@@ -30,8 +30,11 @@ def test_settings_messages_and_bounds():
         EvalSettings(grid_images=-1)
     with pytest.raises(ValueError, match=r"^eval\.decode must be one of mean, sample, got 'median'$"):
         EvalSettings(decode="median")
-    for bad in (dict(sample_temperature=-0.1), dict(temperatures=(0.5, -1.0)),
-                dict(sample_temperature=-1.0, temperatures=(-1.0,))):
+    for bad in (
+        dict(sample_temperature=-0.1),
+        dict(temperatures=(0.5, -1.0)),
+        dict(sample_temperature=-1.0, temperatures=(-1.0,)),
+    ):
         with pytest.raises(ValueError, match=r"^temperatures must be >= 0$"):
             EvalSettings(**bad)
     assert EvalSettings(sample_temperature=0.0).sample_temperature == 0.0
@@ -78,7 +81,7 @@ def test_epoch_end_means_stderr_and_log():
     e.on_test_epoch_end()
     assert e.results == {0: {"c": 5.0}, 1: {"a": 2.0}}
     assert e.stderr[1]["a"] == pytest.approx(1.0, abs=1e-12) and e.stderr[0]["c"] == 0.0
-    (metrics, kw), = logged
+    ((metrics, kw),) = logged
     assert kw == {"sync_dist": False} and set(metrics) == {"eval/c_k0", "eval/a_k1"}
     assert all(v.dtype == torch.float32 for v in metrics.values()) and float(metrics["eval/a_k1"]) == 2.0
     e.stderr, e.results = {}, {}
@@ -133,25 +136,40 @@ def test_write_grids_files_layout_and_device(tmp_path, monkeypatch):
 def test_write_grids_bn_readjust_per_temperature(tmp_path, monkeypatch):
     m = tiny(k_max=0).eval()
     seen = []
-    monkeypatch.setattr(ev, "readjust_bn", lambda module, loader, t, n, device: (seen.append((t, n, device)), module)[1])
+    monkeypatch.setattr(
+        ev, "readjust_bn", lambda module, loader, t, n, device: (seen.append((t, n, device)), module)[1]
+    )
     loader = [torch.rand(2, 1, 1, 32, 32)]
     ev.write_grids(m, loader, EvalSettings(grid_images=1, temperatures=(0.0, 0.5)), tmp_path, "cpu")
     assert seen == []
-    ev.write_grids(m, loader, EvalSettings(grid_images=1, temperatures=(0.0, 0.5), bn_readjust=True,
-                                           bn_readjust_batches=3), tmp_path, "cpu")
+    ev.write_grids(
+        m,
+        loader,
+        EvalSettings(grid_images=1, temperatures=(0.0, 0.5), bn_readjust=True, bn_readjust_batches=3),
+        tmp_path,
+        "cpu",
+    )
     assert seen == [(0.0, 3, "cpu"), (0.5, 3, "cpu")]
 
 
 # ---- checkpoint selection -------------------------------------------------------------------------
 def save(module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
-NEEDS = ("evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
-         "(or ckpt_path=last for the newest training run)")
+NEEDS = (
+    "evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
+    "(or ckpt_path=last for the newest training run)"
+)
 
 
 def test_checkpoint_to_evaluate(tmp_path):
@@ -194,8 +212,13 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
     def test(evaluator, datamodule):
         evaluator.results, evaluator.stderr, evaluator.items = {0: {"nelbo": 1.5}}, {0: {"nelbo": 0.1}}, 12
 
-    trainer = types.SimpleNamespace(test=test, is_global_zero=global_zero, num_test_batches=list(num_test_batches),
-                                    strategy=types.SimpleNamespace(root_device=device), loggers=["L"])
+    trainer = types.SimpleNamespace(
+        test=test,
+        is_global_zero=global_zero,
+        num_test_batches=list(num_test_batches),
+        strategy=types.SimpleNamespace(root_device=device),
+        loggers=["L"],
+    )
     datamodule = types.SimpleNamespace(test_dataloader=lambda: "loader")
     monkeypatch.setattr(ev, "checkpoint_to_evaluate", lambda cfg: (ckpt, model))
     monkeypatch.setattr(ev, "build", lambda cfg: (datamodule, None, trainer))
@@ -208,12 +231,16 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
     monkeypatch.setattr(ev.time, "time", lambda: next(times))
     if hydra is not None:
         monkeypatch.setattr(ev.HydraConfig, "initialized", staticmethod(lambda: True))
-        monkeypatch.setattr(ev.HydraConfig, "get", staticmethod(
-            lambda: types.SimpleNamespace(overrides=types.SimpleNamespace(task=hydra))))
+        monkeypatch.setattr(
+            ev.HydraConfig,
+            "get",
+            staticmethod(lambda: types.SimpleNamespace(overrides=types.SimpleNamespace(task=hydra))),
+        )
     else:
         monkeypatch.setattr(ev.HydraConfig, "initialized", staticmethod(lambda: False))
-    cfg = OmegaConf.create({"eval": {"iw_samples": 4, "temperatures": [0, 1]},
-                            "paths": {"output_dir": str(tmp_path / "out")}})
+    cfg = OmegaConf.create(
+        {"eval": {"iw_samples": 4, "temperatures": [0, 1]}, "paths": {"output_dir": str(tmp_path / "out")}}
+    )
     results = ev.run_evaluation(cfg)
     return results, rec, ckpt, device, grid
 
@@ -221,16 +248,23 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
 def test_run_evaluation_report_fields(tmp_path, monkeypatch):
     results, rec, ckpt, device, grid = fake_run(tmp_path, monkeypatch, hydra=("a=1", "b=2"))
     assert results == {0: {"nelbo": 1.5}} and rec.finished == 1
-    (res, err, info, out_dir), = rec.report
+    ((res, err, info, out_dir),) = rec.report
     assert res == results and err == {0: {"nelbo": 0.1}} and out_dir == tmp_path / "out"
     assert info == {
-        "ckpt_path": str(ckpt), "units": "nats", "model": {"name": "m"},
+        "ckpt_path": str(ckpt),
+        "units": "nats",
+        "model": {"name": "m"},
         "eval": {**vars(EvalSettings(iw_samples=4)), "temperatures": [0.0, 1.0]},
-        "test_batches": 5, "items": 12, "classifier_accuracy": None, "overrides": ["a=1", "b=2"], "seconds": 12.3}
+        "test_batches": 5,
+        "items": 12,
+        "classifier_accuracy": None,
+        "overrides": ["a=1", "b=2"],
+        "seconds": 12.3,
+    }
     assert rec.described == [str(ckpt)]
-    (model, loader, settings, images_dir, dev), = rec.grids
+    ((model, loader, settings, images_dir, dev),) = rec.grids
     assert loader == "loader" and images_dir == tmp_path / "out" / "images" and dev is device
-    (loggers, tag, image, step), = rec.images
+    ((loggers, tag, image, step),) = rec.images
     assert loggers == ["L"] and tag == "eval/grid_k0" and step == 0
     assert torch.equal(image, read_image(str(grid)).float() / 255) and image.max() <= 1
 

@@ -1,4 +1,5 @@
 """fusionvae.flat: parameters, gradients and buffers backed by one contiguous buffer each."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,8 +35,10 @@ def test_gradients_accumulate_into_the_flat_gradient_and_zero_in_one_go():
     reference(x).square().sum().backward()
     for p, q in zip(net.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-    torch.testing.assert_close(torch.linalg.vector_norm(flat.grad),
-                               torch.linalg.vector_norm(torch.cat([q.grad.flatten() for q in reference.parameters()])))
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(flat.grad),
+        torch.linalg.vector_norm(torch.cat([q.grad.flatten() for q in reference.parameters()])),
+    )
     zero_gradients(net, flat)
     assert torch.all(flat.grad == 0) and all(torch.all(p.grad == 0) for p in net.parameters())
 

@@ -1,4 +1,5 @@
 """Fuse API and CLI: image files -> grid of inputs, mean image and samples."""
+
 import os
 import subprocess
 import sys
@@ -97,7 +98,25 @@ def test_cli(ckpt, tmp_path):
 def test_cli_as_a_module(ckpt, tmp_path):
     out = tmp_path / "m.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fusionvae.fuse", "--ckpt", str(ckpt), "--out", str(out),
-                           "--samples", "2", "--decode", "mean"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusionvae.fuse",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--samples",
+            "2",
+            "--decode",
+            "mean",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert grid_size(out) == ((3 + 1 + 2) * CELL + 2, HEADER + CELL + 2)

@@ -5,6 +5,7 @@ MNIST: the t10k views from real MNIST with the config's settings and val_seed 0.
 T-LESS: the stored valid / test / val LMDB contents (decoded pixels and checked metadata)
 built with the config's settings from the deterministic stand-ins in tests/standins.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,15 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from standins import make_celeba, make_tless
 
 import datamodules.corruption as corruption
 from datamodules.lmdb_store import REQUIRED_META, LMDBReader
-from standins import make_celeba, make_tless
 from tests.conftest import compose_cfg
 
-BUMP = ("The fixed {what} changed: its sha256 is {got}, pinned {want}. Validation / test sets are benchmarks and "
-        "must not change silently. If the change is deliberate, make it a documented version bump (the "
-        "generator VERSION for LMDBs, a README note for FusionMNIST) and update the pinned hash in {file}.")
+BUMP = (
+    "The fixed {what} changed: its sha256 is {got}, pinned {want}. Validation / test sets are benchmarks and "
+    "must not change silently. If the change is deliberate, make it a documented version bump (the "
+    "generator VERSION for LMDBs, a README note for FusionMNIST) and update the pinned hash in {file}."
+)
 
 GOLDEN = {
     "mnist_val_seed0": "82a1fd52a7ca5987fa2917c43a62392fc47fdc32041b734a3590504656adacc8",
@@ -45,8 +48,16 @@ def _check(key: str, got: str, what: str) -> None:
 
 
 def _dataset_cfg(name: str, data_dir: Path, *overrides: str):
-    return compose_cfg("train", [f"dataset={name}", f"paths.data_dir={data_dir}", "dataset.num_workers=0",
-                                 "dataset.pin_memory=false", *overrides]).dataset
+    return compose_cfg(
+        "train",
+        [
+            f"dataset={name}",
+            f"paths.data_dir={data_dir}",
+            "dataset.num_workers=0",
+            "dataset.pin_memory=false",
+            *overrides,
+        ],
+    ).dataset
 
 
 def lmdb_digest(path: Path) -> str:
@@ -114,14 +125,21 @@ def test_celeba_stored_validation_and_test_sets_are_pinned(tmp_path):
     dm = instantiate(_dataset_cfg("celeba", root, "dataset.workers=0"))
     dm.prepare_data()
     for split in ("valid", "test"):
-        _check(f"celeba_{split}_seed0", lmdb_digest(root / "fusion_celeba_lmdb" / split),
-               f"FusionCelebA {split} LMDB (stand-in, val_seed 0)")
+        _check(
+            f"celeba_{split}_seed0",
+            lmdb_digest(root / "fusion_celeba_lmdb" / split),
+            f"FusionCelebA {split} LMDB (stand-in, val_seed 0)",
+        )
 
 
 def test_tless_stored_validation_set_is_pinned(tmp_path):
     make_tless(tmp_path / "tless", occluder_ids=(6, 7, 8), per_object=4)
-    dm = instantiate(_dataset_cfg("tless", tmp_path, "dataset.workers=0", "dataset.occluder_ids=[6,7,8]",
-                                  "dataset.n_val=5"))
+    dm = instantiate(
+        _dataset_cfg("tless", tmp_path, "dataset.workers=0", "dataset.occluder_ids=[6,7,8]", "dataset.n_val=5")
+    )
     dm.prepare_data()
-    _check("tless_val_seed0", lmdb_digest(tmp_path / "fusion_tless_lmdb" / "val"),
-           "FusionT-LESS val LMDB (stand-in, val_seed 0)")
+    _check(
+        "tless_val_seed0",
+        lmdb_digest(tmp_path / "fusion_tless_lmdb" / "val"),
+        "FusionT-LESS val LMDB (stand-in, val_seed 0)",
+    )

@@ -2,6 +2,7 @@
 runs them): the default config picks the GPU and bf16, bf16 mixed precision keeps the
 distribution maths in fp32, ``model.compile=true`` (inductor, default and reduce-overhead) gives
 the eager values, and SyncBatchNorm under the DDP trainer (2 GPUs or more)."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA
 
 
 def cfg(data_dir, out, *overrides):
-    return compose_cfg("train", [*TINY, "debug=fdr", f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides])
+    return compose_cfg(
+        "train", [*TINY, "debug=fdr", f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides]
+    )
 
 
 def fit(config):
@@ -35,7 +38,9 @@ def fit(config):
 @pytest.mark.parametrize("overrides", [["debug=fdr"], []], ids=["debug=fdr", "defaults"])
 def test_train_py_picks_the_gpu_and_bf16(tmp_path, overrides):
     """What ``python train.py debug=fdr`` builds (no data is read): the GPU, bf16 where it exists."""
-    config = compose_cfg("train", [*overrides, "logger=csv", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    config = compose_cfg(
+        "train", [*overrides, "logger=csv", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+    )
     _, _, trainer = build(config)
     assert isinstance(trainer.accelerator, CUDAAccelerator) and trainer.strategy.root_device.type == "cuda"
     assert trainer.precision == ("bf16-mixed" if BF16 else "32-true")
@@ -54,7 +59,9 @@ def test_bf16_fast_dev_run_keeps_the_distribution_maths_fp32(data_dir, tmp_path)
         return out
 
     model.terms = recording_terms
-    model.net.image_head.register_forward_hook(lambda m, i, out: convs.append((out.dtype, torch.is_autocast_enabled("cuda"))))
+    model.net.image_head.register_forward_hook(
+        lambda m, i, out: convs.append((out.dtype, torch.is_autocast_enabled("cuda")))
+    )
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.callback_metrics
     assert len(seen) == 1 + 4  # one training batch, validation K = 0..3
@@ -81,7 +88,9 @@ def test_compile_on_cuda_matches_eager(data_dir, tmp_path, monkeypatch, eager_fp
     torch._dynamo.reset()
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     graphs = counters["stats"]["unique_graphs"]
-    model, trainer, metrics = fit(cfg(data_dir, tmp_path, *COMPILED, "model.compile=true", f"model.compile_mode={mode}"))
+    model, trainer, metrics = fit(
+        cfg(data_dir, tmp_path, *COMPILED, "model.compile=true", f"model.compile_mode={mode}")
+    )
     assert is_compiled(model.net) and model.net._fusionvae_compiled == (mode, "inductor")
     assert counters["stats"]["unique_graphs"] - graphs == 3  # training (one K) + validation K = 0, 1
     for key in ["train/loss", "train/nelbo", "val/nelbo_k0", "val/nelbo_k1"]:
@@ -93,8 +102,19 @@ def test_compile_on_cuda_matches_eager(data_dir, tmp_path, monkeypatch, eager_fp
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_sync_batchnorm_under_the_ddp_trainer(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    run_cli([*TINY, "trainer=ddp", "trainer.devices=2", *SHORT, "dataset.batch_size=4", f"paths.data_dir={data_dir}",
-             f"hydra.run.dir={out}", "+callbacks.sync_probe._target_=tests.gpu_helpers.SyncBatchNormProbe"], tmp_path)
+    run_cli(
+        [
+            *TINY,
+            "trainer=ddp",
+            "trainer.devices=2",
+            *SHORT,
+            "dataset.batch_size=4",
+            f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={out}",
+            "+callbacks.sync_probe._target_=tests.gpu_helpers.SyncBatchNormProbe",
+        ],
+        tmp_path,
+    )
     for rank in range(2):
         info = json.loads((out / f"sync_batchnorm_rank{rank}.json").read_text())
         assert info["sync"] > 0 and info["plain"] == 0 and info["world_size"] == 2, info

@@ -89,3 +89,4 @@ def test_distribution_maths_stays_fp32_under_bf16_autocast():
         reg = m.regulariser()
     assert recon.dtype == kl.dtype == reg.dtype == torch.float32
     torch.testing.assert_close(recon, recon32, rtol=0.05, atol=1.0)
+    torch.testing.assert_close(kl, kl32, rtol=0.05, atol=1.0)

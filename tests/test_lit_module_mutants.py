@@ -1,5 +1,6 @@
 """Direct tests of FusionVAEModule's wiring (hparams, skip policy, logging, checkpoint hooks,
 optimiser) with small fakes in place of a Trainer; written against the mutants of lit_module.py."""
+
 import types
 
 import pytest
@@ -51,10 +52,15 @@ def attach(m, *, max_epochs=2, total=100, rank=0, step=0, scaler=None, ckpt_cb=N
         return decision
 
     m._trainer = types.SimpleNamespace(
-        max_epochs=max_epochs, estimated_stepping_batches=total, global_rank=rank, global_step=step,
+        max_epochs=max_epochs,
+        estimated_stepping_batches=total,
+        global_rank=rank,
+        global_step=step,
         strategy=types.SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
         precision_plugin=types.SimpleNamespace(scaler=scaler) if scaler else types.SimpleNamespace(),
-        checkpoint_callback=ckpt_cb, loggers=list(loggers))
+        checkpoint_callback=ckpt_cb,
+        loggers=list(loggers),
+    )
     m.log, m.log_dict = Recorder(), Recorder()
     m.manual_backward = lambda loss: loss.backward()
     return decisions
@@ -86,8 +92,17 @@ def test_init_checks_and_hparams():
         module(k_max=-2)
     assert module(k_max=0).hparams.k_max == 0
     m = FusionVAEModule(**TINY)
-    assert dict(m.hparams) == dict(optim=None, loss=None, k_max=3, crop=0, bits_per_dim=False, seed=0, compile=False,
-                                  compile_mode="default", **TINY)
+    assert dict(m.hparams) == dict(
+        optim=None,
+        loss=None,
+        k_max=3,
+        crop=0,
+        bits_per_dim=False,
+        seed=0,
+        compile=False,
+        compile_mode="default",
+        **TINY,
+    )
     m = module(optim={"lr": 0.5}, loss={"power_iter_init": 7, "power_iter": 3})
     assert m.hparams.optim == {"lr": 0.5} and m.hparams.loss == {"power_iter_init": 7, "power_iter": 3}
     assert (m.spectral.init_steps, m.spectral.steps) == (7, 3)
@@ -115,7 +130,9 @@ def test_draw_k_exact_seed():
     for batches in range(40):
         m.train_batches.fill_(batches)
         seq.append(m.draw_k())
-    ref = [int(torch.randint(0, 8, (1,), generator=torch.Generator().manual_seed(5 * 1_000_003 + b))) for b in range(40)]
+    ref = [
+        int(torch.randint(0, 8, (1,), generator=torch.Generator().manual_seed(5 * 1_000_003 + b))) for b in range(40)
+    ]
     assert seq == ref
 
 
@@ -154,20 +171,31 @@ def test_training_step_logs_exact_values_and_options():
     assert int(m.train_batches) == 1 and m.consecutive_skips == 0 and int(m.skipped_steps) == 0
     (logged,), kw = m.log_dict.calls[0]
     assert kw == dict(prog_bar=False, on_step=True, on_epoch=False, batch_size=3)
-    assert set(logged) == {"train/loss", "train/nelbo", "train/kl", "train/recon", "train/reg", "train/beta",
-                           "train/grad_norm", "train/k", "train/skipped_steps"}
+    assert set(logged) == {
+        "train/loss",
+        "train/nelbo",
+        "train/kl",
+        "train/recon",
+        "train/reg",
+        "train/beta",
+        "train/grad_norm",
+        "train/k",
+        "train/skipped_steps",
+    }
     t = seen["terms"]
     beta = kl_warmup(0, 100, m.loss_settings.kl_warmup_portion, 0.25)
     assert beta == 0.25 and logged["train/beta"] == 0.25
     assert logged["train/k"] == float(k) and float(logged["train/skipped_steps"]) == 0.0
-    torch.testing.assert_close(logged["train/loss"], training_loss(t, m.kl_alpha, beta, m.loss_settings, seen["reg"]).detach())
+    torch.testing.assert_close(
+        logged["train/loss"], training_loss(t, m.kl_alpha, beta, m.loss_settings, seen["reg"]).detach()
+    )
     torch.testing.assert_close(logged["train/kl"], t.kl.sum(1).mean().detach())
     torch.testing.assert_close(logged["train/recon"], t.nll.mean().detach())
     torch.testing.assert_close(logged["train/reg"], seen["reg"].detach())
     nelbo = m.units(t.nelbo, t.target).mean().detach()
     torch.testing.assert_close(logged["train/nelbo"], nelbo)
     assert torch.isfinite(logged["train/grad_norm"]) and logged["train/grad_norm"] > 0
-    (args, kw), = m.log.calls
+    ((args, kw),) = m.log.calls
     assert args[0] == "nelbo" and torch.equal(args[1], logged["train/nelbo"])
     assert kw == dict(prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
@@ -212,9 +240,11 @@ def test_too_many_skips_message():
     m.consecutive_skips = 1
     m._skip(state, opt)  # 2 is not over the limit
     assert m.consecutive_skips == 2 and int(m.skipped_steps) == 1
-    msg = ("3 consecutive training steps had a non-finite loss or gradients (limit model.loss.max_consecutive_skips=2) "
-           "at step 17; the checkpoints in /runs/x/checkpoints are from before them: lower model.optim.lr or check "
-           "the data, then resume")
+    msg = (
+        "3 consecutive training steps had a non-finite loss or gradients (limit model.loss.max_consecutive_skips=2) "
+        "at step 17; the checkpoints in /runs/x/checkpoints are from before them: lower model.optim.lr or check "
+        "the data, then resume"
+    )
     with pytest.raises(TooManySkippedSteps) as err:
         m._skip(m._save_state(), opt)
     assert str(err.value) == msg
@@ -285,7 +315,7 @@ def test_grad_norm_flat_is_one_op_and_checks_linkage(monkeypatch):
     n = m._flat_params.numel()
     with monkeypatch.context() as mp:
         mp.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("not the flat path"))
-        torch.testing.assert_close(m._grad_norm(), torch.tensor(2.0 * n ** 0.5))
+        torch.testing.assert_close(m._grad_norm(), torch.tensor(2.0 * n**0.5))
     for p in m.parameters():  # unlinked from the flat gradient
         p.grad = torch.ones_like(p)
     torch.testing.assert_close(m._grad_norm(), torch.tensor(float(n) ** 0.5))
@@ -380,8 +410,13 @@ def test_eval_step_logs_per_k_and_mean(step, prefix):
     with torch.no_grad():
         getattr(m, step)(batch(b=2), 0)
     calls = m.log.calls
-    assert [c[0][0] for c in calls] == [f"{prefix}/nelbo_k0", f"{prefix}/nelbo_k1", f"{prefix}/nelbo_k2", f"{prefix}/nelbo"]
-    for (name, _), kw in calls[:-1]:
+    assert [c[0][0] for c in calls] == [
+        f"{prefix}/nelbo_k0",
+        f"{prefix}/nelbo_k1",
+        f"{prefix}/nelbo_k2",
+        f"{prefix}/nelbo",
+    ]
+    for _, kw in calls[:-1]:
         assert kw == dict(sync_dist=True, batch_size=2)
     assert calls[-1][1] == dict(sync_dist=True, prog_bar=True, batch_size=2)
     torch.testing.assert_close(calls[-1][0][1], torch.stack([c[0][1] for c in calls[:-1]]).mean())
@@ -407,8 +442,12 @@ def test_on_save_checkpoint():
     ckpt = {}
     m.on_save_checkpoint(ckpt)
     assert ckpt == {"fusionvae": {"consecutive_skips": 4, "wandb_id": None}}
-    for loggers, wid in (([types.SimpleNamespace(version=7), FakeWandb("abc1"), FakeWandb("zz")], "abc1"),
-                         ([FakeWandb(None)], None), ([FakeWandb("")], None), ([types.SimpleNamespace(version=3)], None)):
+    for loggers, wid in (
+        ([types.SimpleNamespace(version=7), FakeWandb("abc1"), FakeWandb("zz")], "abc1"),
+        ([FakeWandb(None)], None),
+        ([FakeWandb("")], None),
+        ([types.SimpleNamespace(version=3)], None),
+    ):
         attach(m, loggers=loggers)
         ckpt = {}
         m.on_save_checkpoint(ckpt)
@@ -429,8 +468,11 @@ def test_on_load_checkpoint_restores_skips_and_restarts_old_spectral():
     m.on_load_checkpoint({"state_dict": new})
     assert list(new) == ["net.cells.0.w", "spectral.initialised"] and bool(new["spectral.initialised"])
     m.spectral.initialised.fill_(True)
-    old = {"net.dec_cells.0.w": torch.ones(1), "spectral.initialised": torch.tensor(True),
-           "spectral.u0": torch.zeros(1)}
+    old = {
+        "net.dec_cells.0.w": torch.ones(1),
+        "spectral.initialised": torch.tensor(True),
+        "spectral.u0": torch.zeros(1),
+    }
     m.on_load_checkpoint({"state_dict": old})
     own = m.spectral.state_dict()
     assert set(old) == {"net.dec_cells.0.w"} | {f"spectral.{k}" for k in own}

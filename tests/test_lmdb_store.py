@@ -1,4 +1,5 @@
 """PNG-in-LMDB store (datamodules/lmdb_store.py): format, metadata checks, atomicity, workers."""
+
 from __future__ import annotations
 
 import logging
@@ -20,9 +21,20 @@ from torch.utils.data import DataLoader
 
 from datamodules import lmdb_env, lmdb_store
 from datamodules.images import decode_stack, encode_stack, luminance, quantize, to_tensor
-from datamodules.lmdb_store import (META_KEY, LMDBMetadataError, LMDBReader, LMDBRecordError, StoredStacks,
-                                    check_meta, ensure_lmdb, is_complete, read_meta, record_key, remove_stale_temps,
-                                    write_lmdb)
+from datamodules.lmdb_store import (
+    META_KEY,
+    LMDBMetadataError,
+    LMDBReader,
+    LMDBRecordError,
+    StoredStacks,
+    check_meta,
+    ensure_lmdb,
+    is_complete,
+    read_meta,
+    record_key,
+    remove_stale_temps,
+    write_lmdb,
+)
 from datamodules.parallel import parallel_map
 from datamodules.tempfiles import HOST
 
@@ -183,7 +195,6 @@ def test_parallel_map_keeps_order() -> None:
     assert multiprocessing.active_children() == []
 
 
-
 # ---- messages -----------------------------------------------------------------------------------
 def _exact(text: str) -> str:
     return f"^{re.escape(text)}$"
@@ -192,11 +203,15 @@ def _exact(text: str) -> str:
 def test_metadata_message_lists_every_difference_and_the_default_fix():
     stored = dict(kind="test", count=10, params={"a": 1})
     expected = dict(kind="test", count=12, params={"a": 2}, seed=3)
-    with pytest.raises(LMDBMetadataError, match=_exact(
-        "LMDB /x/lmdb was generated with different settings (count: stored 10, config expects 12; "
-        "params.a: stored 1, config expects 2; seed: stored '<missing>', config expects 3). It is not "
-        "regenerated automatically: delete /x/lmdb and generate it again, or point the config at another LMDB directory"
-    )):
+    with pytest.raises(
+        LMDBMetadataError,
+        match=_exact(
+            "LMDB /x/lmdb was generated with different settings (count: stored 10, config expects 12; "
+            "params.a: stored 1, config expects 2; seed: stored '<missing>', config expects 3). It is not "
+            "regenerated automatically: delete /x/lmdb and generate it again, "
+            "or point the config at another LMDB directory"
+        ),
+    ):
         check_meta(stored, expected, "/x/lmdb")
     check_meta({"shape": [1, 2]}, {"shape": (1, 2)}, "/x")  # tuples compare as the stored lists
 
@@ -221,10 +236,13 @@ def test_missing_lmdb_messages(tmp_path: Path):
         read_meta(tmp_path / "x", hint="run make_x")
     (tmp_path / ".x.tmp-1-a").mkdir()
     (tmp_path / ".x.tmp-2-b").mkdir()
-    with pytest.raises(FileNotFoundError, match=_exact(
-        f"LMDB not found: {tmp_path / 'x'} (unfinished .x.tmp-1-a, .x.tmp-2-b in {tmp_path} "
-        "from an interrupted run can be deleted)"
-    )):
+    with pytest.raises(
+        FileNotFoundError,
+        match=_exact(
+            f"LMDB not found: {tmp_path / 'x'} (unfinished .x.tmp-1-a, .x.tmp-2-b in {tmp_path} "
+            "from an interrupted run can be deleted)"
+        ),
+    ):
         read_meta(tmp_path / "x")
 
 
@@ -232,9 +250,13 @@ def test_mismatch_messages_name_the_lmdb_and_the_hint(rgb_lmdb):
     path, _, meta = rgb_lmdb
     wrong = {**meta, "seed": 1}
     head = f"LMDB {path} was generated with different settings (seed: stored 0, config expects 1). "
-    with pytest.raises(LMDBMetadataError, match=_exact(
+    with pytest.raises(
+        LMDBMetadataError,
+        match=_exact(
             head + f"It is not regenerated automatically: delete {path} and generate it again, "
-            "or point the config at another LMDB directory")):
+            "or point the config at another LMDB directory"
+        ),
+    ):
         ensure_lmdb(path, wrong, lambda: pytest.fail("must not regenerate"))
     tail = "It is not regenerated automatically: run make_x, or point the config at another LMDB directory"
     with pytest.raises(LMDBMetadataError, match=_exact(head + tail)):
@@ -243,14 +265,19 @@ def test_mismatch_messages_name_the_lmdb_and_the_hint(rgb_lmdb):
         LMDBReader(path, wrong, hint="run make_x")
 
 
-@pytest.mark.parametrize("images", [
-    np.zeros((1, 4, 4, 3), np.float32),  # not uint8
-    np.zeros((4, 4, 3), np.uint8),  # no stack axis
-    np.zeros((1, 4, 4, 2), np.uint8),  # two channels
-])
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((1, 4, 4, 3), np.float32),  # not uint8
+        np.zeros((4, 4, 3), np.uint8),  # no stack axis
+        np.zeros((1, 4, 4, 2), np.uint8),  # two channels
+    ],
+)
 def test_encode_stack_rejects_other_arrays(images):
-    with pytest.raises(ValueError, match=_exact(
-            f"expected uint8 images [n, H, W, C] with C in (1, 3, 4), got {images.dtype} {images.shape}")):
+    with pytest.raises(
+        ValueError,
+        match=_exact(f"expected uint8 images [n, H, W, C] with C in (1, 3, 4), got {images.dtype} {images.shape}"),
+    ):
         encode_stack(images)
 
 
@@ -376,7 +403,13 @@ def test_write_lmdb_many_small_records(tmp_path: Path):
     write_lmdb(tmp_path / "x", iter(tiles), _meta(9000, [1, 4, 4, 1]))
     reader = LMDBReader(tmp_path / "x")
     assert len(reader) == 9000
-    assert [int(reader.get(i)[0, 0, 0, 0]) for i in (0, 511, 512, 513, 8999)] == [0, 511 % 251, 512 % 251, 513 % 251, 8999 % 251]
+    assert [int(reader.get(i)[0, 0, 0, 0]) for i in (0, 511, 512, 513, 8999)] == [
+        0,
+        511 % 251,
+        512 % 251,
+        513 % 251,
+        8999 % 251,
+    ]
 
 
 def test_write_lmdb_larger_than_the_default_map(tmp_path: Path):
@@ -434,9 +467,13 @@ def test_write_lmdb_refuses_to_replace_a_folder_that_is_not_an_lmdb(tmp_path: Pa
         path.mkdir()  # something else appears at the target meanwhile
         (path / "notes.txt").write_text("mine")
 
-    with pytest.raises(FileExistsError, match=_exact(
+    with pytest.raises(
+        FileExistsError,
+        match=_exact(
             f"cannot move the new LMDB to {path}: it exists and is not an LMDB (Directory not empty); "
-            "remove it or choose another directory")):
+            "remove it or choose another directory"
+        ),
+    ):
         write_lmdb(path, records(), meta)
     assert os.listdir(tmp_path) == ["x"] and os.listdir(path) == ["notes.txt"]
 

@@ -1,5 +1,6 @@
 """Long runs: skipped steps leave the state untouched, the consecutive-skip limit, atomic
 checkpoint / LMDB writes under kills, stale temporaries, one-line up-front errors."""
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from datamodules.images import encode_stack
-from datamodules.lmdb_store import ensure_lmdb, is_complete, LMDBReader
+from datamodules.lmdb_store import LMDBReader, ensure_lmdb, is_complete
 from datamodules.tempfiles import HOST
 from fusionvae.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
 from fusionvae.errors import CheckpointError, FusionVAEError, TooManySkippedSteps, reported
@@ -28,8 +29,13 @@ from tests.conftest import ROOT, TINY, compose_cfg
 from tests.long_run_helpers import Poison
 from tests.test_network import TINY as TINY_NET
 
-RUN = ["trainer.max_epochs=1", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0",
-       "callbacks.image_grids=null", "trainer.log_every_n_steps=1"]
+RUN = [
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.image_grids=null",
+    "trainer.log_every_n_steps=1",
+]
 POISON = "+callbacks.poison._target_=tests.long_run_helpers.Poison"
 BOOKKEEPING = ("skipped_steps", "train_batches")
 
@@ -57,8 +63,13 @@ class StateWatch(L.Callback):
         opt = trainer.optimizers[0].state_dict()
         for pid, st in opt["state"].items():
             flat.update({f"opt.{pid}.{k}": v for k, v in st.items()})
-        flat.update({f"opt.group.{k}": torch.tensor(v) for k, v in opt["param_groups"][0].items()
-                     if isinstance(v, (int, float))})
+        flat.update(
+            {
+                f"opt.group.{k}": torch.tensor(v)
+                for k, v in opt["param_groups"][0].items()
+                if isinstance(v, (int, float))
+            }
+        )
         sched = trainer.lr_scheduler_configs[0].scheduler.state_dict()
         flat["sched.last_epoch"] = torch.tensor(sched["last_epoch"])
         flat["global_step"] = torch.tensor(trainer.global_step)
@@ -71,15 +82,23 @@ class StateWatch(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if int(module.skipped_steps) > self.skipped:
             after = self.state(trainer, module)
-            self.changed[int(module.train_batches)] = [k for k, v in self.before.items()
-                                                       if not torch.equal(v, after[k])]
+            self.changed[int(module.train_batches)] = [
+                k for k, v in self.before.items() if not torch.equal(v, after[k])
+            ]
 
 
-@pytest.mark.parametrize("kind, batches", [("input", [1]), ("activation", [2, 4]), ("overflow", [3]),
-                                           ("gradient", [2, 4])])
+@pytest.mark.parametrize(
+    "kind, batches", [("input", [1]), ("activation", [2, 4]), ("overflow", [3]), ("gradient", [2, 4])]
+)
 def test_skipped_steps_leave_the_state_untouched(data_dir, tmp_path, kind, batches):
-    cfg = cfg_for(data_dir, tmp_path, "trainer.limit_train_batches=6", POISON,
-                  f"+callbacks.poison.batches=[{','.join(map(str, batches))}]", f"+callbacks.poison.kind={kind}")
+    cfg = cfg_for(
+        data_dir,
+        tmp_path,
+        "trainer.limit_train_batches=6",
+        POISON,
+        f"+callbacks.poison.batches=[{','.join(map(str, batches))}]",
+        f"+callbacks.poison.kind={kind}",
+    )
     datamodule, model, trainer = build(cfg)
     watch = StateWatch()
     trainer.callbacks.append(watch)
@@ -99,17 +118,34 @@ def test_grad_scaler_skips_and_backs_off(data_dir, tmp_path):
     # Lightning maps precision=16-mixed to bf16 on the CPU; a plugin with a GradScaler keeps fp16
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
     watch = StateWatch()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
-                        plugins=[plugin], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Poison(batches=[2], kind="gradient"), watch])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        plugins=[plugin],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Poison(batches=[2], kind="gradient"), watch],
+    )
     trainer.fit(model, datamodule=datamodule)
     assert watch.changed == {2: []} and trainer.global_step == 2
     assert plugin.scaler.get_scale() == plugin.scaler.get_backoff_factor()  # lowered once from 1, no step
 
 
 def test_consecutive_skip_limit_stops_with_one_line(data_dir, tmp_path):
-    cfg = cfg_for(data_dir, tmp_path, "trainer.limit_train_batches=10", "model.loss.max_consecutive_skips=2",
-                  "callbacks.run_guard.every_n_steps=1", POISON, "+callbacks.poison.from_batch=4")
+    cfg = cfg_for(
+        data_dir,
+        tmp_path,
+        "trainer.limit_train_batches=10",
+        "model.loss.max_consecutive_skips=2",
+        "callbacks.run_guard.every_n_steps=1",
+        POISON,
+        "+callbacks.poison.from_batch=4",
+    )
     with pytest.raises(TooManySkippedSteps) as info:
         train(cfg)
     message = str(info.value)
@@ -121,9 +157,15 @@ def test_consecutive_skip_limit_stops_with_one_line(data_dir, tmp_path):
 
 @pytest.mark.parametrize("every_minutes, saved", [("1e-9", True), ("null", False)])
 def test_run_guard_writes_last_ckpt_on_the_clock(data_dir, tmp_path, every_minutes, saved):
-    cfg = cfg_for(data_dir, tmp_path, "trainer.limit_train_batches=2", "trainer.limit_val_batches=0",
-                  "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false",
-                  f"callbacks.run_guard.every_minutes={every_minutes}")
+    cfg = cfg_for(
+        data_dir,
+        tmp_path,
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint=null",
+        "+trainer.enable_checkpointing=false",
+        f"callbacks.run_guard.every_minutes={every_minutes}",
+    )
     train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file() == saved and (not saved or torch.load(last, weights_only=True)["global_step"] == 2)
@@ -195,14 +237,16 @@ def records():
     yield encode_stack(np.zeros((1, 4, 4, 3), np.uint8))
     Path(sys.argv[2]).write_text("1")
     time.sleep(60)
-write_lmdb(sys.argv[1], records(), dict(kind="t", version=1, count=3, shape=[1, 4, 4, 3], channels=3, seed=0, params={}))
+meta = dict(kind="t", version=1, count=3, shape=[1, 4, 4, 3], channels=3, seed=0, params={})
+write_lmdb(sys.argv[1], records(), meta)
 """
 
 
 def test_sigkill_during_lmdb_build_is_cleaned_up_and_rebuilt(tmp_path):
     meta = dict(kind="t", version=1, count=3, shape=[1, 4, 4, 3], channels=3, seed=0, params={})
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_LMDB, str(tmp_path / "x"), str(tmp_path / "marker")],
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_LMDB, str(tmp_path / "x"), str(tmp_path / "marker")], cwd=ROOT
+    )
     wait_for((tmp_path / "marker").exists)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -220,8 +264,14 @@ def test_sigkill_during_lmdb_build_is_cleaned_up_and_rebuilt(tmp_path):
 # ---- up-front checks ----------------------------------------------------------------------------
 def tiny_checkpoint(path: Path, **hparams) -> Path:
     module = FusionVAEModule(**{**TINY_NET, **hparams})
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     return path
 
 
@@ -240,15 +290,18 @@ def test_mismatched_checkpoint_is_refused_before_data_preparation(tmp_path):
 
 def run_cli(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli("evaluate.py", f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: evaluate.py needs a checkpoint: add ckpt_path=<run dir>/"
-                                                    "checkpoints/last.ckpt (or ckpt_path=last for the newest training run)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: evaluate.py needs a checkpoint: add ckpt_path=<run dir>/"
+        "checkpoints/last.ckpt (or ckpt_path=last for the newest training run)"
+    )
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(tiny_checkpoint(tmp_path / "ok.ckpt").read_bytes()[:5000])  # truncated by a crash
     proc = run_cli("train.py", *TINY, f"ckpt_path={damaged}", f"hydra.run.dir={tmp_path / 'train'}")
@@ -271,8 +324,10 @@ def test_fuse_refuses_non_images_in_one_line(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     missing = tmp_path / "none.ckpt"
-    for args, expected in (([str(text)], f"error: {text} is not an image file that can be read"),
-                           ([], f"error: checkpoint not found: {missing}")):
+    for args, expected in (
+        ([str(text)], f"error: {text} is not an image file that can be read"),
+        ([], f"error: checkpoint not found: {missing}"),
+    ):
         ck = missing if not args else ckpt
         with pytest.raises(SystemExit) as exit_info:
             fuse_main(["--ckpt", str(ck), "--out", str(tmp_path / "o.png"), *args])
@@ -280,6 +335,7 @@ def test_fuse_refuses_non_images_in_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and err.startswith(expected) and err.count("\n") == 1
     module = FusionVAEModule(**TINY_NET)
     from fusionvae.fuse import fuse
+
     with pytest.raises(FusionVAEError, match=r"float images in \[0, 1\].*divide 8-bit images by 255"):
         fuse(module, torch.full((1, 1, 32, 32), 200, dtype=torch.uint8))
     with pytest.raises(FusionVAEError, match=r"views are \(1, 3, 32, 32\) but the model takes \[K <= 3, 1, 32, 32\]"):

@@ -1,4 +1,5 @@
 """Metric maths (fusionvae.metrics) on known images, checked against torchmetrics."""
+
 import math
 
 import pytest
@@ -23,8 +24,12 @@ def test_ssim_and_psnr_match_torchmetrics(shape):
     for pred in (noisy, blurred, 1 - clean, torch.full_like(clean, 0.5)):
         expected = tm_ssim(pred, clean, data_range=1.0, reduction="none")
         torch.testing.assert_close(ssim(pred, clean), expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(psnr(pred, clean), tm_psnr(pred, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
-                                   atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            psnr(pred, clean),
+            tm_psnr(pred, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+            atol=1e-4,
+            rtol=1e-5,
+        )
 
 
 def test_known_values():
@@ -68,8 +73,10 @@ def test_best_and_mean_of_n():
     noise = torch.randn(2, 3, 1, 16, 16, generator=g)
     samples = (target.unsqueeze(1) + levels.view(1, 3, 1, 1, 1) * noise).clamp(0, 1)
     out = sample_metrics(samples, target)
-    per = {name: torch.stack([fn(samples[:, j], target) for j in range(3)], dim=1)
-           for name, fn in (("mse", mse), ("psnr", psnr), ("ssim", ssim))}
+    per = {
+        name: torch.stack([fn(samples[:, j], target) for j in range(3)], dim=1)
+        for name, fn in (("mse", mse), ("psnr", psnr), ("ssim", ssim))
+    }
     torch.testing.assert_close(out["mse_best"], per["mse"].amin(1))
     torch.testing.assert_close(out["psnr_best"], per["psnr"].amax(1))
     torch.testing.assert_close(out["ssim_best"], per["ssim"].amax(1))

@@ -1,4 +1,5 @@
 """FusionMNIST datamodule (datamodules/mnist.py) on the real MNIST files."""
+
 from __future__ import annotations
 
 import gzip
@@ -199,11 +200,14 @@ def test_gz_files_accepted(dm: FusionMNISTDataModule, tmp_path: Path) -> None:
     assert torch.equal(load_mnist_images(tmp_path, "test", pad=2), dm.val_set.images)
 
 
-@pytest.mark.parametrize("name, damage", [
-    ("t10k-images-idx3-ubyte", lambda data: data[: len(data) // 2]),
-    ("t10k-images-idx3-ubyte", lambda data: b"\x12\x34" + data[2:]),
-    ("t10k-images-idx3-ubyte.gz", lambda data: gzip.compress(data, compresslevel=1)[:5000]),
-])
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("t10k-images-idx3-ubyte", lambda data: data[: len(data) // 2]),
+        ("t10k-images-idx3-ubyte", lambda data: b"\x12\x34" + data[2:]),
+        ("t10k-images-idx3-ubyte.gz", lambda data: gzip.compress(data, compresslevel=1)[:5000]),
+    ],
+)
 def test_corrupt_idx_file_gives_clear_error(tmp_path: Path, name: str, damage) -> None:
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -3,8 +3,15 @@ import torch
 
 from fusionvae.network import FusionVAE, groups_per_scale
 
-TINY = dict(num_channels=4, num_preprocess_blocks=1, num_postprocess_blocks=1, num_latent_scales=2,
-            num_groups_per_scale=2, num_latent_per_group=2, num_mix=3)
+TINY = dict(
+    num_channels=4,
+    num_preprocess_blocks=1,
+    num_postprocess_blocks=1,
+    num_latent_scales=2,
+    num_groups_per_scale=2,
+    num_latent_per_group=2,
+    num_mix=3,
+)
 
 
 def tiny(**kw) -> FusionVAE:
@@ -124,13 +131,16 @@ def test_deterministic_fcn_and_residual_posterior_and_skips():
         assert torch.isfinite(tiny(skip=mode)(views, target).kl).all()
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(aggregation="median"), r"unknown aggregation 'median'.*\(model.aggregation\)"),
-    (dict(skip="sum"), r"unknown skip mode 'sum'.*\(model.skip\)"),  # a key that exists (was model.net.skip)
-    (dict(likelihood="gauss"), r"unknown likelihood 'gauss'.*\(model.likelihood\)"),
-    (dict(image_size=30), "must be divisible by"),
-    (dict(num_latent_per_group=0), r"^model.num_latent_per_group must be >= 1"),  # was model.net.<size>
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(aggregation="median"), r"unknown aggregation 'median'.*\(model.aggregation\)"),
+        (dict(skip="sum"), r"unknown skip mode 'sum'.*\(model.skip\)"),  # a key that exists (was model.net.skip)
+        (dict(likelihood="gauss"), r"unknown likelihood 'gauss'.*\(model.likelihood\)"),
+        (dict(image_size=30), "must be divisible by"),
+        (dict(num_latent_per_group=0), r"^model.num_latent_per_group must be >= 1"),  # was model.net.<size>
+    ],
+)
 def test_invalid_configs_fail_fast(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kw)
@@ -147,8 +157,10 @@ def test_channels_last_64px_rgb_backward():
 
 
 def test_factorized_reduce_matches_shifted_strided_convs():
-    from fusionvae.layers import FactorizedReduce
     import torch.nn.functional as F
+
+    from fusionvae.layers import FactorizedReduce
+
     fr = FactorizedReduce(4, 8)
     x = torch.randn(2, 4, 16, 16)
     a = F.silu(x)
@@ -160,8 +172,13 @@ def test_factorized_reduce_matches_shifted_strided_convs():
 def test_checkpoints_from_before_latent_groups_load():
     """Old key layout: five parallel lists (dec_cells.{l}, enc_proj.{l}, heads.{l}, prior_heads.{l},
     combiners.{l}); the load hook renames them to latent_groups.{l}.*."""
-    old_names = {"cells": "dec_cells", "enc_proj": "enc_proj", "head": "heads", "prior_head": "prior_heads",
-                 "combiner": "combiners"}
+    old_names = {
+        "cells": "dec_cells",
+        "enc_proj": "enc_proj",
+        "head": "heads",
+        "prior_head": "prior_heads",
+        "combiner": "combiners",
+    }
     net = tiny()
     legacy = {}
     for key, value in net.state_dict().items():
@@ -199,8 +216,13 @@ def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteratio
 
     from fusionvae.lit_module import FusionVAEModule
 
-    old_names = {"cells": "dec_cells", "enc_proj": "enc_proj", "head": "heads", "prior_head": "prior_heads",
-                 "combiner": "combiners"}
+    old_names = {
+        "cells": "dec_cells",
+        "enc_proj": "enc_proj",
+        "head": "heads",
+        "prior_head": "prior_heads",
+        "combiner": "combiners",
+    }
     module = FusionVAEModule(**TINY)
     state = {}
     for key, value in module.state_dict().items():
@@ -210,7 +232,10 @@ def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteratio
         state[key] = value
     state["spectral.initialised"] = torch.tensor(True)
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {"state_dict": state, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__},
+        path,
+    )
     loaded = FusionVAEModule.load_from_checkpoint(path)
     assert torch.equal(loaded.net.latent_groups[1].head.weight, module.net.latent_groups[1].head.weight)
     assert not bool(loaded.spectral.initialised)  # the u / v rows no longer match the conv order

@@ -1,5 +1,6 @@
 """fusionvae.objective: settings parsing, K ranges, fp32 terms under autocast, unit conversion and
 the KL schedule / balancing switch of the training loss (small hand-computed cases)."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusionvae.objective import (LossSettings, Terms, compute_terms, k_range, kl_balance_alpha, kl_warmup,
-                                 settings_from_dict, to_units, training_loss)
+from fusionvae.objective import (
+    LossSettings,
+    Terms,
+    compute_terms,
+    k_range,
+    kl_balance_alpha,
+    kl_warmup,
+    settings_from_dict,
+    to_units,
+    training_loss,
+)
 
-LOSS_KEYS = ("kl_balance, kl_min_beta, kl_warmup_portion, max_consecutive_skips, power_iter, "
-             "power_iter_init, weight_decay_norm")
+LOSS_KEYS = (
+    "kl_balance, kl_min_beta, kl_warmup_portion, max_consecutive_skips, power_iter, power_iter_init, weight_decay_norm"
+)
 
 
 def test_loss_settings_refuse_unknown_keys_naming_them_under_model_loss():
@@ -26,15 +37,20 @@ def test_settings_from_dict_uses_the_given_key_and_accepts_none():
     with pytest.raises(ValueError, match=re.escape(f"unknown setting(s) cfg.loss.x; known: {LOSS_KEYS}") + "$"):
         settings_from_dict(LossSettings, {"x": 1}, "cfg.loss")
     assert settings_from_dict(LossSettings, None, "cfg.loss") == LossSettings()
-    assert LossSettings.from_dict({"kl_balance": False, "power_iter": 3}) == LossSettings(kl_balance=False, power_iter=3)
+    assert LossSettings.from_dict({"kl_balance": False, "power_iter": 3}) == LossSettings(
+        kl_balance=False, power_iter=3
+    )
 
 
-@pytest.mark.parametrize(("k_max", "stack", "expected"), [
-    (2, (3, 5, 1, 4, 4), range(3)),  # k_max binds: K = 0, 1, 2 although the batch holds 4 views
-    (9, (3, 4, 1, 4, 4), range(4)),  # the batch binds: 3 views (+ target) -> K = 0..3
-    (3, (2, 4, 2, 4, 4), range(4)),  # both allow exactly 3
-    (5, (2, 1, 3, 4, 4), range(1)),  # target only: K = 0
-])
+@pytest.mark.parametrize(
+    ("k_max", "stack", "expected"),
+    [
+        (2, (3, 5, 1, 4, 4), range(3)),  # k_max binds: K = 0, 1, 2 although the batch holds 4 views
+        (9, (3, 4, 1, 4, 4), range(4)),  # the batch binds: 3 views (+ target) -> K = 0..3
+        (3, (2, 4, 2, 4, 4), range(4)),  # both allow exactly 3
+        (5, (2, 1, 3, 4, 4), range(1)),  # target only: K = 0
+    ],
+)
 def test_k_range_is_zero_to_the_smaller_of_k_max_and_the_views(k_max, stack, expected):
     assert k_range(k_max, torch.zeros(stack)) == expected
 
@@ -77,10 +93,18 @@ def test_to_units_divides_by_central_dimensions_and_log2():
     nats = torch.tensor([100.0, 7.0])
     assert to_units(nats, torch.Size([4, 3, 16, 12]), crop=2, bits_per_dim=False) is nats
     # [3, 16 - 4, 12 - 4] = 288 central dimensions
-    torch.testing.assert_close(to_units(nats, torch.Size([4, 3, 16, 12]), crop=2, bits_per_dim=True),
-                               nats / (288 * math.log(2)), rtol=1e-7, atol=0)
-    torch.testing.assert_close(to_units(nats, torch.Size([3, 16, 12]), crop=0, bits_per_dim=True),
-                               nats / (576 * math.log(2)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(
+        to_units(nats, torch.Size([4, 3, 16, 12]), crop=2, bits_per_dim=True),
+        nats / (288 * math.log(2)),
+        rtol=1e-7,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        to_units(nats, torch.Size([3, 16, 12]), crop=0, bits_per_dim=True),
+        nats / (576 * math.log(2)),
+        rtol=1e-7,
+        atol=0,
+    )
 
 
 def test_kl_warmup_lasts_at_least_one_step():

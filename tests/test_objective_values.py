@@ -5,6 +5,7 @@ Each Lightning step is replayed by hand from the state recorded before it and th
 state recorded at the start of every network forward (z is drawn from torch's global RNG, however
 the module seeds it), so the numbers must agree to float32 rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ import torch
 from lightning.pytorch.plugins.precision.amp import MixedPrecision
 from torch.utils.data import DataLoader
 
-from fusionvae.objective import balanced_kl, kl_balance_alpha
 from fusionvae.lit_module import FusionVAEModule
+from fusionvae.objective import balanced_kl, kl_balance_alpha
 from tests.test_network import TINY
 
 CROP = 2
@@ -32,10 +33,16 @@ RTOL = 1e-6
 
 def make_module(**kw) -> FusionVAEModule:
     torch.manual_seed(0)
-    return FusionVAEModule(**{**TINY, "crop": CROP, "seed": 5,
-                              "optim": dict(lr=LR, lr_min=LR_MIN, warmup_epochs=1),
-                              "loss": dict(kl_warmup_portion=WARMUP_PORTION, kl_min_beta=MIN_BETA,
-                                           weight_decay_norm=LAMBDA), **kw})
+    return FusionVAEModule(
+        **{
+            **TINY,
+            "crop": CROP,
+            "seed": 5,
+            "optim": dict(lr=LR, lr_min=LR_MIN, warmup_epochs=1),
+            "loss": dict(kl_warmup_portion=WARMUP_PORTION, kl_min_beta=MIN_BETA, weight_decay_norm=LAMBDA),
+            **kw,
+        }
+    )
 
 
 def items(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -45,8 +52,17 @@ def items(n: int, seed: int = 0) -> list[torch.Tensor]:
 
 def trainer(callbacks=(), **kw) -> L.Trainer:
     kw = {"limit_val_batches": 0, **kw}
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **kw,
+    )
 
 
 class ForwardRng:
@@ -72,7 +88,9 @@ def replaying(net: torch.nn.Module, states: list[torch.Tensor]):
 # ---- formulas, written out --------------------------------------------------------------------
 def alpha_formula(groups_decoder_order: list[int]) -> torch.Tensor:
     """alpha_l = 4^i / (groups at scale i), i = 0 at the top scale, divided by the smallest."""
-    alpha = torch.tensor([4.0**i / n for i, n in enumerate(groups_decoder_order) for _ in range(n)], dtype=torch.float64)
+    alpha = torch.tensor(
+        [4.0**i / n for i, n in enumerate(groups_decoder_order) for _ in range(n)], dtype=torch.float64
+    )
     return alpha / alpha.min()
 
 
@@ -116,7 +134,9 @@ def test_balanced_kl_divides_by_alpha_and_weights_by_beta():
     alpha = kl_balance_alpha([1, 2])  # [1, 2, 2]
     weighted, gamma = balanced_kl(kl, alpha, beta=0.25)
     torch.testing.assert_close(gamma.double(), gamma_formula(kl, alpha), rtol=1e-6, atol=0)
-    torch.testing.assert_close(weighted.double(), 0.25 * (kl.double() * gamma_formula(kl, alpha)).sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        weighted.double(), 0.25 * (kl.double() * gamma_formula(kl, alpha)).sum(1), rtol=1e-6, atol=0
+    )
     # equal KL per group: the weights are exactly inversely proportional to alpha
     _, even = balanced_kl(torch.ones(4, 3), alpha, beta=0.5)
     torch.testing.assert_close(even, torch.tensor([1.0, 1 / 2, 1 / 2]) / (2 / 3))
@@ -136,14 +156,23 @@ class StepRecorder(L.Callback):
         self.steps: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.steps.append(dict(state={k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                               first=len(self.forwards.states), batch=batch.detach().clone(),
-                               step=trainer.global_step, lr_before=trainer.optimizers[0].param_groups[0]["lr"]))
+        self.steps.append(
+            dict(
+                state={k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                first=len(self.forwards.states),
+                batch=batch.detach().clone(),
+                step=trainer.global_step,
+                lr_before=trainer.optimizers[0].param_groups[0]["lr"],
+            )
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rec = self.steps[-1]
-        rec.update(logged={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-                   lr_after=trainer.optimizers[0].param_groups[0]["lr"], rng=self.forwards.states[rec["first"]:])
+        rec.update(
+            logged={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+            lr_after=trainer.optimizers[0].param_groups[0]["lr"],
+            rng=self.forwards.states[rec["first"] :],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +235,9 @@ class Batches(L.Callback):
 def test_val_nelbo_per_k_is_nll_plus_kl_item_weighted_over_unequal_batches():
     model = make_module()
     rec, forwards = Batches(), ForwardRng(model.net)
-    logged = trainer([rec], limit_val_batches=None).validate(model, DataLoader(items(5, seed=1), batch_size=3), verbose=False)[0]
+    logged = trainer([rec], limit_val_batches=None).validate(
+        model, DataLoader(items(5, seed=1), batch_size=3), verbose=False
+    )[0]
     assert [b.shape[0] for b in rec.batches] == [3, 2]
     per_k = {k: [] for k in range(VIEWS + 1)}
     with torch.no_grad(), replaying(model.eval().net, forwards.states):
@@ -235,7 +266,9 @@ def _nan_gradient_run(plugins=()):
     # optimiser steps (global_step, hence the KL warm-up) and the LR schedule
     for name, b in model.named_buffers():
         assert name not in buffers or torch.equal(b, buffers[name]), name
-    assert t.global_step == 0 and t.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr_formula(0, 2, epochs=1), rel=1e-9)
+    assert t.global_step == 0 and t.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        lr_formula(0, 2, epochs=1), rel=1e-9
+    )
     return model, t, before, logged
 
 

@@ -1,6 +1,7 @@
 """The official FusionVAE LMDBs (datamodules/official.py) on stand-ins written as the authors' code
 writes them (tests/official_standins.py): exact pixels, tile order, colours, counts, errors and
 one fast-dev-run training per dataset."""
+
 from __future__ import annotations
 
 import shutil
@@ -10,14 +11,19 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from official_standins import CELEBA_NAMES, TLESS_NAMES, cv2_png, make_celeba_official, make_tless_official
 
 from datamodules.images import luminance, quantize
 from datamodules.lmdb_store import LMDBRecordError
-from datamodules.official import (FusionCelebAOfficialDataModule, FusionTLessOfficialDataModule, OfficialLMDB,
-                                  decode_png, premultiplied_rgba)
+from datamodules.official import (
+    FusionCelebAOfficialDataModule,
+    FusionTLessOfficialDataModule,
+    OfficialLMDB,
+    decode_png,
+    premultiplied_rgba,
+)
 from datamodules.paste import object_targets
 from fusionvae.training import train
-from official_standins import CELEBA_NAMES, TLESS_NAMES, cv2_png, make_celeba_official, make_tless_official
 from tests.conftest import TINY, compose_cfg
 
 N_TRAIN, N_VALID, N_OBJECTS, N_OCCLUDERS = 12, 6, 10, 12
@@ -107,12 +113,18 @@ def test_grey_alpha_png() -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/train\.lmdb.*train\.lmdb/, valid\.lmdb/.*"
-                                                r"create_fusion_celeba_lmdb.*dataset\.official_dir"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{tmp_path}/train\.lmdb.*train\.lmdb/, valid\.lmdb/.*"
+        r"create_fusion_celeba_lmdb.*dataset\.official_dir",
+    ):
         FusionCelebAOfficialDataModule(str(tmp_path), **LOADER).prepare_data()
     names = r".*".join(rf"{name}/" for name in TLESS_NAMES.values())
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/train128x128cropped5socketClasses\.lmdb.*{names}"
-                                                r".*dataset\.official_dir"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{tmp_path}/train128x128cropped5socketClasses\.lmdb.*{names}"
+        r".*dataset\.official_dir",
+    ):
         FusionTLessOfficialDataModule(str(tmp_path), **LOADER).setup("fit")
 
 
@@ -153,7 +165,7 @@ def test_celeba_validation_stacks(celeba, k_max: int) -> None:
     dm.setup("validate")
     batch = torch.cat(list(dm.val_dataloader()))
     assert batch.shape == (N_VALID, k_max + 1, 3, 64, 64) and batch.dtype == torch.float32
-    assert torch.equal(batch, _float(truth["valid"][:, 3 - k_max:]))  # the LAST k_max views, then the target
+    assert torch.equal(batch, _float(truth["valid"][:, 3 - k_max :]))  # the LAST k_max views, then the target
     dm.setup("test")
     assert torch.equal(torch.cat(list(dm.test_dataloader())), batch)
 
@@ -228,9 +240,19 @@ def test_eval_config_defaults() -> None:
 def test_fast_dev_run(celeba, tless, tmp_path: Path, dataset: str, channels: int) -> None:
     root = celeba[0] if dataset == "celeba_official" else tless[0]
     extra = ["dataset.workers=0"] if dataset == "tless_official" else []
-    cfg = compose_cfg("train", [f"dataset={dataset}", *TINY, "dataset.batch_size=4", "dataset.val_batch_size=4",
-                                "debug=fdr", f"dataset.official_dir={root}", *extra,
-                                f"paths.output_dir={tmp_path / 'out'}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"dataset={dataset}",
+            *TINY,
+            "dataset.batch_size=4",
+            "dataset.val_batch_size=4",
+            "debug=fdr",
+            f"dataset.official_dir={root}",
+            *extra,
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert cfg.model.channels == channels and cfg.model.bits_per_dim
     metrics = train(cfg)
     for k in range(4):

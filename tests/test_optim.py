@@ -1,5 +1,6 @@
 """fusionvae.optim: settings parsing, the warm-up / cosine multiplier at its edges and the
 optimiser + scheduler that build_optimizer hands to Lightning."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,10 @@ LR, LR_MIN = 1e-2, 1e-4
 
 
 def test_optim_settings_refuse_unknown_keys_naming_them_under_model_optim():
-    message = "unknown setting(s) model.optim.betas, model.optim.learning_rate; known: eps, lr, lr_min, warmup_epochs, weight_decay"
+    message = (
+        "unknown setting(s) model.optim.betas, model.optim.learning_rate; "
+        "known: eps, lr, lr_min, warmup_epochs, weight_decay"
+    )
     with pytest.raises(ValueError, match=re.escape(message) + "$"):
         OptimSettings.from_dict({"learning_rate": 1e-3, "betas": (0.9, 0.99), "lr": 1e-3})
     assert OptimSettings.from_dict({"lr": 3e-3}) == OptimSettings(lr=3e-3)
@@ -68,8 +72,9 @@ def test_build_optimizer_eps_and_weight_decay_change_the_update():
     p = _param()
     with torch.no_grad():
         p.fill_(1.0)
-    opt = build_optimizer([p], OptimSettings(lr=0.1, eps=1.0, weight_decay=0.5, warmup_epochs=0),
-                          total_steps=10, epochs=1)["optimizer"]
+    opt = build_optimizer(
+        [p], OptimSettings(lr=0.1, eps=1.0, weight_decay=0.5, warmup_epochs=0), total_steps=10, epochs=1
+    )["optimizer"]
     p.grad = torch.full_like(p, 1e-3)
     opt.step()
     g = 1e-3 + 0.5  # gradient with weight decay
@@ -78,13 +83,16 @@ def test_build_optimizer_eps_and_weight_decay_change_the_update():
     torch.testing.assert_close(p.detach(), torch.full((3,), expected), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize(("warmup_epochs", "total_steps", "epochs", "first_lr"), [
-    (0, 10, 1, LR),  # no warm-up asked: a one-step warm-up starts at the full rate
-    (1, 1, 1, LR),  # one step in all: the warm-up is that step
-    (1, 0, 1, LR),  # no steps reported: treated as one
-    (1, 40, 0, LR / 40),  # zero epochs: treated as one
-    (0.5, 40, 2, LR / 10),  # 0.5 of 2 epochs of 40 steps
-])
+@pytest.mark.parametrize(
+    ("warmup_epochs", "total_steps", "epochs", "first_lr"),
+    [
+        (0, 10, 1, LR),  # no warm-up asked: a one-step warm-up starts at the full rate
+        (1, 1, 1, LR),  # one step in all: the warm-up is that step
+        (1, 0, 1, LR),  # no steps reported: treated as one
+        (1, 40, 0, LR / 40),  # zero epochs: treated as one
+        (0.5, 40, 2, LR / 10),  # 0.5 of 2 epochs of 40 steps
+    ],
+)
 def test_build_optimizer_warmup_length(warmup_epochs, total_steps, epochs, first_lr):
     settings = OptimSettings(lr=LR, lr_min=LR_MIN, warmup_epochs=warmup_epochs)
     result = build_optimizer([_param()], settings, total_steps=total_steps, epochs=epochs)

@@ -1,6 +1,7 @@
 """A plain ``pip install .`` trains and evaluates from any directory: the wheel holds every config
 under ``fusionvae/conf`` and the code, declares the console scripts, and the installed mains load
 the packaged configs, which compose to the same configs as the checkout's ``conf/``."""
+
 from __future__ import annotations
 
 import configparser
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from conftest import CONF, ROOT
 
 # what the build reads; copied so that a stale build/ folder in the checkout cannot leak into it
 BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "fusionvae", "datamodules", "conf"]
@@ -33,8 +33,13 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     # no isolation: the installed setuptools builds it, no network needed
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (found,) = out.glob("fusionvae-*.whl")
     return found
 
@@ -56,8 +61,12 @@ def test_every_config_is_packaged_under_fusionvae_conf(wheel):
 
 def test_every_module_is_in_the_wheel(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {p.relative_to(ROOT).as_posix() for pkg in ("fusionvae", "datamodules")
-               for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for pkg in ("fusionvae", "datamodules")
+        for p in (ROOT / pkg).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert modules <= names, f"missing from the wheel (list new packages in pyproject.toml): {sorted(modules - names)}"
 
 
@@ -73,12 +82,15 @@ def test_console_scripts_are_declared_and_exist(wheel):
     assert fusionvae.cli.CONF == CONF  # in a checkout: its one conf/
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("train", []),
-    ("train", ["model/size=tiny", "trainer=cpu", "debug=fdr"]),
-    ("train", ["experiment=celeba_paper", "hparams_search=ablation"]),
-    ("evaluate", ["ckpt_path=x.ckpt", "dataset=tless"]),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("train", []),
+        ("train", ["model/size=tiny", "trainer=cpu", "debug=fdr"]),
+        ("train", ["experiment=celeba_paper", "hparams_search=ablation"]),
+        ("evaluate", ["ckpt_path=x.ckpt", "dataset=tless"]),
+    ],
+)
 def test_packaged_configs_compose_as_the_checkout(unpacked, name, overrides):
     def composed(conf_dir: Path) -> dict:
         with initialize_config_dir(str(conf_dir), version_base="1.3"):
@@ -89,11 +101,14 @@ def test_packaged_configs_compose_as_the_checkout(unpacked, name, overrides):
 
 def test_installed_main_loads_the_packaged_configs(unpacked, tmp_path):
     """The wheel's own ``train_main`` (not the checkout's) run from an empty folder prints its config."""
-    code = ("import sys, fusionvae.cli as c; print(c.CONF, file=sys.stderr); "
-            "sys.argv = ['fusionvae-train', '--cfg', 'job', 'model/size=tiny']; c.train_main()")
+    code = (
+        "import sys, fusionvae.cli as c; print(c.CONF, file=sys.stderr); "
+        "sys.argv = ['fusionvae-train', '--cfg', 'job', 'model/size=tiny']; c.train_main()"
+    )
     env = {**os.environ, "PYTHONPATH": str(unpacked), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(unpacked / "fusionvae" / "conf") in proc.stderr.splitlines()
     with initialize_config_dir(str(CONF), version_base="1.3"):

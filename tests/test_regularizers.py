@@ -31,7 +31,9 @@ def test_spectral_penalty_sums_spectral_norms_and_persists_state():
     model = TwoConvs()
     pen = SpectralPenalty(model, init_steps=100, steps=50)
     value = pen()
-    expected = sum(torch.linalg.matrix_norm(m.normalized_weight().flatten(1), ord=2) for m in (model.a, model.b, model.c))
+    expected = sum(
+        torch.linalg.matrix_norm(m.normalized_weight().flatten(1), ord=2) for m in (model.a, model.b, model.c)
+    )
     torch.testing.assert_close(value.detach(), expected.detach(), rtol=1e-3, atol=1e-3)
     assert len(pen.groups) == 2  # (4,3,3,3) twice, stacked, and (2,4,1,1)
     value.backward()

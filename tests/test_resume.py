@@ -1,6 +1,7 @@
 """Exact resume: a run stopped by SIGTERM / SIGUSR1 mid-epoch or at an epoch's last batch and
 resumed with the same overrides ends with weights bit-identical to an uninterrupted run, in the
 same run folder, W&B run and best-checkpoint tracking."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,15 @@ from fusionvae.training import train
 from tests.conftest import ROOT, TINY, compose_cfg
 
 # 2 epochs of 4 batches, validation after each; deterministic kernels, one thread (OMP_NUM_THREADS)
-COMMON = [*TINY, "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
-          "trainer.deterministic=true", "callbacks.image_grids=null", "trainer.log_every_n_steps=1"]
+COMMON = [
+    *TINY,
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.deterministic=true",
+    "callbacks.image_grids=null",
+    "trainer.log_every_n_steps=1",
+]
 SIGNAL_AT = "+callbacks.stop._target_=tests.long_run_helpers.SignalAt"
 
 
@@ -61,9 +69,20 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(data_dir, straight, tmp_
     logs, marker = tmp_path / "logs", tmp_path / "at_step_5"
     common = ["logger=wandb", f"paths.data_dir={data_dir}", f"paths.log_dir={logs}"]
     # an external SIGTERM while batch 2 of epoch 1 trains (global_step 5 -> 6)
-    proc = subprocess.Popen(cli(*common, SIGNAL_AT, "+callbacks.stop.step=5", "+callbacks.stop.external=true",
-                                f"+callbacks.stop.marker={marker}"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(
+            *common,
+            SIGNAL_AT,
+            "+callbacks.stop.step=5",
+            "+callbacks.stop.external=true",
+            f"+callbacks.stop.marker={marker}",
+        ),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -77,8 +96,9 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(data_dir, straight, tmp_
     assert not list((run / "checkpoints").glob(".*"))  # no temporary left
 
     # the one-word resume: the newest run's last.ckpt, continued in the same folder and W&B run
-    proc = subprocess.run(cli(*common, "ckpt_path=last"), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cli(*common, "ckpt_path=last"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((logs / "train" / "runs").iterdir()) == [run]
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -107,8 +127,9 @@ def test_sigusr1_at_the_last_batch_of_an_epoch_then_resume_is_bit_identical(data
 # ---- the building blocks: order and randomness from (seed, epoch, index) ------------------------
 def test_training_order_and_items_depend_only_on_seed_epoch_and_index():
     images = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    data = CorruptedImages(lambda idx: images[idx], len(images), 3, dict(n_ellipses=2, r_low=5, r_high=10,
-                                                                      noise_std=0.25), flip=True)
+    data = CorruptedImages(
+        lambda idx: images[idx], len(images), 3, dict(n_ellipses=2, r_low=5, r_high=10, noise_std=0.25), flip=True
+    )
     sampler = EpochSampler(data, batch_size=4, seed=3)
     keys = sampler.keys(0)
     assert keys == EpochSampler(data, batch_size=4, seed=3).keys(0) and sorted(k.index for k in keys) == list(range(40))
@@ -151,9 +172,17 @@ def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
     conf = Path(__file__).resolve().parents[1] / "conf"
     argv = ["evaluate.py", f"ckpt_path={ckpt}", "dataset.val_batch_size=4"]
     assert evaluate_on_training_dataset(argv, conf) == [
-        "evaluate.py", "dataset=celeba", "dataset.lmdb_dir=/data/lmdb", f"ckpt_path={ckpt}", "dataset.val_batch_size=4"]
+        "evaluate.py",
+        "dataset=celeba",
+        "dataset.lmdb_dir=/data/lmdb",
+        f"ckpt_path={ckpt}",
+        "dataset.val_batch_size=4",
+    ]
     assert evaluate_on_training_dataset([*argv, "dataset=celeba"], conf)[1] == "dataset=celeba"
     with pytest.raises(SystemExit, match=r"was trained on dataset=celeba; drop dataset=mnist"):
         evaluate_on_training_dataset([*argv, "dataset=mnist"], conf)
     outside = tmp_path / "model.ckpt"  # not in a run folder: arguments unchanged
-    assert evaluate_on_training_dataset(["evaluate.py", f"ckpt_path={outside}"], conf) == ["evaluate.py", f"ckpt_path={outside}"]
+    assert evaluate_on_training_dataset(["evaluate.py", f"ckpt_path={outside}"], conf) == [
+        "evaluate.py",
+        f"ckpt_path={outside}",
+    ]

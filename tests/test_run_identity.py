@@ -1,13 +1,14 @@
 """W&B run identity: a readable name from the overrides, one group per sweep, the top-level tags,
 explicit config values kept, and the W&B id of a resumed run."""
+
 from __future__ import annotations
 
 import pytest
+from conftest import compose_cfg
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from conftest import compose_cfg
 from fusionvae.instantiate import build_list, wandb_identity
 
 

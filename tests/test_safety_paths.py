@@ -1,5 +1,6 @@
 """Safety paths: LMDB metadata with a field missing from the stored record, and atomic checkpoints
 (an interrupted save keeps the previous last.ckpt and leaves no temporary file)."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from datamodules.images import encode_stack
-from datamodules.lmdb_store import check_meta, ensure_lmdb, LMDBMetadataError, LMDBReader, write_lmdb
+from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, check_meta, ensure_lmdb, write_lmdb
 from fusionvae.checkpoint_io import AtomicCheckpointIO
 from fusionvae.instantiate import build
 from tests.conftest import TINY, compose_cfg

@@ -2,6 +2,7 @@
 against the pmf, where the pmf is the distribution's own log_prob enumerated over pixel values
 (grey: all 256 values; RGB: every (r, g, b) in a box holding all but < 1e-5 of each component's mass).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,12 @@ def rgb_pmf(params: torch.Tensor, num_mix: int, width: float = 14.0) -> tuple[to
         xg = [g[0] / 127.5 - 1, g[-1] / 127.5 - 1]
         b_mu = [mu[2] + c[1] * x + c[2] * y for x in xr for y in xg]
         b = _bins(min(b_mu) - width * s[2], max(b_mu) + width * s[2])
-        grid = torch.stack(torch.meshgrid(torch.tensor(r), torch.tensor(g), torch.tensor(b), indexing="ij"), -1).view(-1, 3)
+        grid = torch.stack(torch.meshgrid(torch.tensor(r), torch.tensor(g), torch.tensor(b), indexing="ij"), -1).view(
+            -1, 3
+        )
         lp = DiscMixLogistic(one.expand(len(grid), -1, -1, -1), channels=3, num_mix=1).log_prob(
-            grid.float().view(-1, 3, 1, 1) / 255)
+            grid.float().view(-1, 3, 1, 1) / 255
+        )
         p = lp.double().exp().view(-1)
         assert p.sum() > 1 - 1e-5, (m, p.sum())  # the box holds the component's mass
         points.append(grid)
@@ -122,8 +126,12 @@ def test_grey_sample_histogram_matches_the_pmf(params):
 
 # ---- RGB with channel coupling -------------------------------------------------------------------
 RGB_ONE = mixture([0.0], [[-0.2], [0.3], [0.1]], [[-3.8], [-4.0], [-3.6]], [[0.6], [-0.5], [0.4]])
-RGB_TWO = mixture([0.3, -0.2], [[-0.3, 0.4], [0.2, -0.5], [0.1, 0.3]], [[-4.0, -3.6], [-3.8, -4.0], [-3.9, -3.7]],
-                  [[0.5, -0.4], [-0.3, 0.45], [0.35, -0.3]])
+RGB_TWO = mixture(
+    [0.3, -0.2],
+    [[-0.3, 0.4], [0.2, -0.5], [0.1, 0.3]],
+    [[-4.0, -3.6], [-3.8, -4.0], [-3.9, -3.7]],
+    [[0.5, -0.4], [-0.3, 0.45], [0.35, -0.3]],
+)
 
 
 def _exact_rgb_mean(params, num_mix):

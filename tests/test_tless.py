@@ -1,4 +1,5 @@
 """FusionT-LESS: BOP -> LMDB pools, fixed validation set, occluder pasting and the datamodule."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,19 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from standins import make_tless
 
 from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, read_meta
 from datamodules.make_tless import main
 from datamodules.paste import PasteParams, compose_views, draw_placements, object_targets
 from datamodules.tless import FusionTLessDataModule
-from standins import make_tless
 
 OBJECTS, OCCLUDERS, PER_OBJECT, N_VAL = (1, 2, 3, 4, 5), (6, 7, 8), 6, 6
 
 
 def _dm(data_dir: Path, **kwargs) -> FusionTLessDataModule:
-    defaults = dict(occluder_ids=OCCLUDERS, n_val=N_VAL, batch_size=4, val_batch_size=4, num_workers=0,
-                    pin_memory=False, workers=2)
+    defaults = dict(
+        occluder_ids=OCCLUDERS, n_val=N_VAL, batch_size=4, val_batch_size=4, num_workers=0, pin_memory=False, workers=2
+    )
     return FusionTLessDataModule(data_dir=str(data_dir), **{**defaults, **kwargs})
 
 
@@ -39,8 +41,11 @@ def _lmdb(data_dir: Path, name: str) -> LMDBReader:
 
 
 def test_pools(data_dir: Path) -> None:
-    counts = {"objects_train": len(OBJECTS) * PER_OBJECT - N_VAL, "objects_val": N_VAL,
-              "occluders": len(OCCLUDERS) * PER_OBJECT}
+    counts = {
+        "objects_train": len(OBJECTS) * PER_OBJECT - N_VAL,
+        "objects_val": N_VAL,
+        "occluders": len(OCCLUDERS) * PER_OBJECT,
+    }
     for name, count in counts.items():
         meta = read_meta(data_dir / "fusion_tless_lmdb" / name)
         size = 100 if name == "occluders" else 128
@@ -93,13 +98,38 @@ def test_missing_bop_tree(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_cli_matches_datamodule(data_dir: Path, tmp_path: Path) -> None:
-    main(["--bop-root", str(data_dir / "tless"), "--out", str(tmp_path), "--occluder-ids", *map(str, OCCLUDERS),
-          "--n-val", str(N_VAL), "--workers", "0", "--no-progress"])
+    main(
+        [
+            "--bop-root",
+            str(data_dir / "tless"),
+            "--out",
+            str(tmp_path),
+            "--occluder-ids",
+            *map(str, OCCLUDERS),
+            "--n-val",
+            str(N_VAL),
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     ours, theirs = LMDBReader(tmp_path / "val"), _lmdb(data_dir, "val")
     assert np.array_equal(ours.get_many(range(N_VAL)), theirs.get_many(range(N_VAL)))  # workers 0 vs 2
     shutil.rmtree(tmp_path / "val")
-    main(["--out", str(tmp_path), "--val-only", "--occluder-ids", *map(str, OCCLUDERS), "--n-val", str(N_VAL),
-          "--val-seed", "1", "--no-progress"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--val-only",
+            "--occluder-ids",
+            *map(str, OCCLUDERS),
+            "--n-val",
+            str(N_VAL),
+            "--val-seed",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert read_meta(tmp_path / "val")["seed"] == 1
 
 
@@ -141,8 +171,9 @@ def test_occluder_counts_and_geometry() -> None:
     assert torch.equal(coverage[0, 0, 0] > 0.5, expected)
     # Random rotations keep the area (50 * 50 px) and stay within the circumscribed circle.
     turned = PasteParams(n_occluders_low=1, n_occluders_high=1, scale_low=1, scale_high=1, max_shift=0)
-    _, coverage = compose_views(torch.zeros(1, 3, 64, 64), _bank(1, 3, opaque=True), 40, turned,
-                                torch.Generator().manual_seed(0))
+    _, coverage = compose_views(
+        torch.zeros(1, 3, 64, 64), _bank(1, 3, opaque=True), 40, turned, torch.Generator().manual_seed(0)
+    )
     coverage = coverage[0, :, 0]  # [40 views, 64, 64]
     assert ((coverage.flatten(1).sum(1) - 2500).abs() < 60).all()
     i, j = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")

@@ -1,4 +1,5 @@
 """End-to-end training through the Hydra configs (tiny model, real MNIST, a few batches)."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,12 @@ from fusionvae.instantiate import build
 from fusionvae.training import train
 from tests.conftest import ROOT, TINY, compose_cfg
 
-SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-         "trainer.log_every_n_steps=1"]
+SHORT = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def cfg_for(data_dir, out: Path, *overrides, name="train"):
@@ -42,8 +47,16 @@ def test_train_evaluate_resume(data_dir, tmp_path):
     assert sorted((run / "images").glob("grid_k3_epoch0000.png"))
 
     # evaluate.py's job on the checkpoint: per-K metrics, written to JSON
-    ev = cfg_for(data_dir, tmp_path / "eval", f"ckpt_path={last}", "trainer.limit_test_batches=1",
-                 "eval.iw_samples=8", "eval.num_samples=2", "eval.grid_images=2", name="evaluate")
+    ev = cfg_for(
+        data_dir,
+        tmp_path / "eval",
+        f"ckpt_path={last}",
+        "trainer.limit_test_batches=1",
+        "eval.iw_samples=8",
+        "eval.num_samples=2",
+        "eval.grid_images=2",
+        name="evaluate",
+    )
     results = run_evaluation(ev)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for k in range(4):
@@ -74,11 +87,14 @@ def test_missing_data_fails_with_a_clear_message(tmp_path):
         trainer.fit(model, datamodule=datamodule)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.aggregation=median", "unknown aggregation 'median'"),
-    ("dataset.k_max=-1", "k_max must be >= 0"),
-    ("dataset.image_size=30", "image_size"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.aggregation=median", "unknown aggregation 'median'"),
+        ("dataset.k_max=-1", "k_max must be >= 0"),
+        ("dataset.image_size=30", "image_size"),
+    ],
+)
 def test_invalid_config_values_fail_fast(tmp_path, override, message):
     cfg = cfg_for(tmp_path, tmp_path, override)
     with pytest.raises((ValueError, InstantiationException), match=message):
@@ -87,15 +103,28 @@ def test_invalid_config_values_fail_fast(tmp_path, override, message):
 
 def run_cli(args, tmp_path, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
 def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli(["-m", "model.aggregation=max,bayes", *[o for o in TINY if not o.startswith("logger")], "logger=wandb",
-             *SHORT, "trainer.limit_train_batches=1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    run_cli(
+        [
+            "-m",
+            "model.aggregation=max,bayes",
+            *[o for o in TINY if not o.startswith("logger")],
+            "logger=wandb",
+            *SHORT,
+            "trainer.limit_train_batches=1",
+            f"paths.data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     runs = [sorted((job / "wandb").glob("offline-run-*")) for job in jobs]
@@ -108,7 +137,9 @@ def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
     assert b"model.aggregation=max," in records[0] and b"model.aggregation=bayes," in records[1]
 
 
-@pytest.mark.parametrize("choice, last_line", [("logger=none", "best val/nelbo "), ("callbacks=none", "last checkpoint: ")])
+@pytest.mark.parametrize(
+    "choice, last_line", [("logger=none", "best val/nelbo "), ("callbacks=none", "last checkpoint: ")]
+)
 def test_logger_none_and_callbacks_none_train(data_dir, tmp_path, choice, last_line):
     group = choice.split("=")[0]
     args = [o for o in TINY if not o.startswith(group)] + (["logger=csv"] if group == "callbacks" else [])
@@ -119,8 +150,18 @@ def test_logger_none_and_callbacks_none_train(data_dir, tmp_path, choice, last_l
 @pytest.mark.slow
 def test_two_process_cpu_ddp(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_cli([*TINY, "trainer=ddp_cpu", *SHORT, "trainer.limit_val_batches=2", "dataset.batch_size=4",
-                    f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"], tmp_path)
+    proc = run_cli(
+        [
+            *TINY,
+            "trainer=ddp_cpu",
+            *SHORT,
+            "trainer.limit_val_batches=2",
+            "dataset.batch_size=4",
+            f"paths.data_dir={data_dir}",
+            f"hydra.run.dir={out}",
+        ],
+        tmp_path,
+    )
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert "val/nelbo" in (out / "csv" / "version_0" / "metrics.csv").read_text()
@@ -133,8 +174,16 @@ def test_gradient_clip_val_is_honoured_by_the_manual_step(data_dir, tmp_path):
 
     from fusionvae.instantiate import build
 
-    cfg = cfg_for(data_dir, tmp_path, *SHORT, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.gradient_clip_val=0.5")
+    cfg = cfg_for(
+        data_dir,
+        tmp_path,
+        *SHORT,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.gradient_clip_val=0.5",
+    )
     datamodule, model, trainer = build(cfg)
     assert trainer.gradient_clip_val is None and model.gradient_clip_val == 0.5
 
@@ -176,8 +225,14 @@ def instantiate_model(data_dir, tmp_path):
 def test_missing_data_dir_is_one_line_without_traceback(tmp_path):
     env = {**os.environ, "FUSIONVAE_DATA_DIR": str(tmp_path / "nowhere"), "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "train.py", "debug=fdr", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "debug=fdr", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
