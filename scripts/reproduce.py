@@ -13,6 +13,7 @@ is not redone, an interrupted one resumes from its last.ckpt, so rerunning the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,7 +65,7 @@ BUDGETS = {
     "paper": Budget(
         ("experiment=mnist_paper",),
         eval_items=10000,
-        eval_batch=250,
+        eval_batch=100,
         iw_samples=1000,
         num_samples=10,
         classifier_epochs=2,
@@ -179,18 +180,41 @@ def train_and_evaluate(run: Run, budget: Budget, work: Path, classifier: Path, e
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=["mnist"], help="the dataset to reproduce (FusionMNIST)")
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides for every run, e.g. trainer.devices=1")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the budget's)")
+    parser.add_argument("--runs", default=None, help="comma-separated run names (default: all of RUNS)")
     parser.add_argument("--skips", action="store_true", help="also the CVAE / FCN skip-connection variants")
+    parser.add_argument("--eval-items", type=int, default=None, help="test items evaluated (default: the budget's)")
+    parser.add_argument("--iw-samples", type=int, default=None, help="S of the IW-NLL (default: the budget's)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md and its figures go")
     parser.add_argument("--data-dir", default=os.environ.get("FUSIONVAE_DATA_DIR", "data"))
     parser.add_argument("--log-dir", type=Path, default=Path(os.environ.get("FUSIONVAE_LOG_DIR", "logs")))
     return parser.parse_args(argv)
 
 
+def chosen(args: argparse.Namespace) -> tuple[Budget, list[Run]]:
+    """The budget with the command line's changes, and the runs to make."""
+    budget = BUDGETS[args.budget]
+    budget = dataclasses.replace(
+        budget,
+        train=(*budget.train, *args.overrides),
+        eval_items=args.eval_items or budget.eval_items,
+        iw_samples=args.iw_samples or budget.iw_samples,
+    )
+    if budget.eval_items % budget.eval_batch:
+        raise SystemExit(f"--eval-items must be a multiple of {budget.eval_batch} (the evaluation batch)")
+    table = {**RUNS, **(SKIP_RUNS if args.skips else {})}
+    names = args.runs.split(",") if args.runs else list(table)
+    unknown = [n for n in names if n not in {**RUNS, **SKIP_RUNS}]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join({**RUNS, **SKIP_RUNS})}")
+    return budget, [Run(n, *{**RUNS, **SKIP_RUNS}[n]) for n in names]
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    budget = BUDGETS[args.budget]
+    budget, runs = chosen(args)
     jobs = max(1, args.jobs or budget.jobs)
     work = (args.log_dir / "reproduce" / args.budget).absolute()
     env = {
@@ -204,10 +228,6 @@ def main(argv: list[str] | None = None) -> Path:
         args.data_dir, work / "digit_classifier.pt", epochs=budget.classifier_epochs, items=budget.classifier_items
     )
     print(f"digit classifier {classifier}: clean test accuracy {accuracy:.4f}", flush=True)
-    runs = [
-        Run(name, table, overrides)
-        for name, (table, overrides) in {**RUNS, **(SKIP_RUNS if args.skips else {})}.items()
-    ]
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(train_and_evaluate, run, budget, work, classifier, env) for run in runs]
         for future in futures:
