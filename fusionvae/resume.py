@@ -119,11 +119,14 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _compose_log_dir(overrides: list[str], config_dir: Path) -> tuple[str, str]:
+def _compose_log_dir(overrides: list[str], config_dir: Path, keys: tuple[str, ...]) -> tuple[str, str]:
+    """``(paths.log_dir, task_name)`` of the train config with the overrides of ``keys`` (others,
+    e.g. evaluate.py's ``eval.*``, may not exist in it)."""
     from hydra import compose, initialize_config_dir
 
+    picked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] in keys]
     with initialize_config_dir(str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=[o for o in overrides if not o.lstrip("+").startswith("hydra.")])
+        cfg = compose("train", overrides=picked)
         return str(cfg.paths.log_dir), str(cfg.task_name)
 
 
@@ -145,7 +148,7 @@ def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
     value = args[where[-1]].split("=", 1)[1].strip("'\"")
     try:
         if value == LAST:
-            ckpt = resolve_ckpt_path(LAST, *_compose_log_dir(args, config_dir))
+            ckpt = resolve_ckpt_path(LAST, *_compose_log_dir(args, config_dir, ("paths", "task_name", "experiment")))
         else:
             ckpt = resolve_ckpt_path(value, ".", "")
     except Exception:  # nothing to resume or a bad override: train() reports it in one line
@@ -178,7 +181,10 @@ def evaluate_on_training_dataset(argv: list[str], config_dir: Path) -> list[str]
         return list(argv)
     value = where[-1].split("=", 1)[1].strip("'\"")
     try:
-        ckpt = resolve_ckpt_path(value, *_compose_log_dir(args, config_dir)) if value == LAST else Path(value)
+        # ckpt_path=last: the newest run of task "train" (as run_evaluation resolves it)
+        ckpt = (
+            resolve_ckpt_path(value, *_compose_log_dir(args, config_dir, ("paths",))) if value == LAST else Path(value)
+        )
     except Exception:  # evaluate.py reports it in one line
         return list(argv)
     run = run_dir_of(ckpt) if ckpt is not None else None

@@ -5,6 +5,7 @@ same run folder, W&B run and best-checkpoint tracking."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,16 @@ def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
     assert evaluate_on_training_dataset([*argv, "dataset=celeba"], conf)[1] == "dataset=celeba"
     with pytest.raises(SystemExit, match=r"was trained on dataset=celeba; drop dataset=mnist"):
         evaluate_on_training_dataset([*argv, "dataset=mnist"], conf)
+    # ckpt_path=last (the newest <log_dir>/train/runs/*) together with evaluate-only overrides
+    logs = tmp_path / "logs"
+    newest = logs / "train" / "runs" / "r1"
+    shutil.copytree(run, newest)
+    last = ["evaluate.py", "ckpt_path=last", f"paths.log_dir={logs}", "eval.iw_samples=2", "task_name=ev"]
+    assert evaluate_on_training_dataset(last, conf)[:3] == [
+        "evaluate.py",
+        "dataset=celeba",
+        "dataset.lmdb_dir=/data/lmdb",
+    ]
     outside = tmp_path / "model.ckpt"  # not in a run folder: arguments unchanged
     assert evaluate_on_training_dataset(["evaluate.py", f"ckpt_path={outside}"], conf) == [
         "evaluate.py",
