@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
+from .errors import BadInputError
+
 
 def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
     """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); a W&B logger
@@ -58,6 +60,11 @@ def resolve_precision(accelerator, precision):
 
 def build(cfg: DictConfig, wandb_id: str | None = None):
     """Datamodule (training order and randomness from ``cfg.seed``), model and trainer."""
+    if (cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise BadInputError(
+            "trainer.accumulate_grad_batches is not supported (the model steps its optimiser itself): "
+            "raise dataset.batch_size, or use more devices (trainer.devices) for a larger batch"
+        )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset, seed=cfg.seed)
     model = instantiate(cfg.model) if "model" in cfg else None
