@@ -26,7 +26,7 @@ from fusionvae.report import headers_for, markdown_table, plot_metrics_vs_k  # n
 LIKELIHOOD = ["nelbo", "iw_nll", "class_best", "class_mean", "diversity"]
 PIXEL = ["mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean"]
 HIGHER_IS_BETTER = {"class_best", "class_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean"}
-COMPARED = ["iw_nll", "psnr_best", "psnr_mean", "class_best", "class_mean"]
+COMPARED = ["iw_nll", "psnr_best", "psnr_mean", "ssim_best", "class_best", "class_mean"]
 GRID_KS = (1, 3)
 BEGIN, END = "<!-- discussion: kept when the page is regenerated -->", "<!-- end of discussion -->"
 
