@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fusionvae.classifier import ensure_classifier  # noqa: E402
-from scripts.results_page import write_page  # noqa: E402
+from scripts.results_page import commit, hardware, write_page  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class Run:
     table: str
     overrides: tuple[str, ...]
     seconds: dict = field(default_factory=dict)  # train / eval wall time (this invocation or the one that made it)
+    made: bool = False  # trained or evaluated by this invocation
 
 
 def run_step(cmd: list[str], log: Path, env: dict) -> float:
@@ -172,6 +173,7 @@ def train_and_evaluate(run: Run, budget: Budget, work: Path, classifier: Path, e
         "+trainer.enable_progress_bar=false",
     ]
     run.seconds["eval"] = run_step(evaluate, work / "logs" / f"{run.name}.eval.log", env)
+    run.made = True
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(run.seconds))
     return run
@@ -233,18 +235,25 @@ def main(argv: list[str] | None = None) -> Path:
         for future in futures:
             run = future.result()
             print(f"{run.name}: train {run.seconds['train']:.0f} s, eval {run.seconds['eval']:.0f} s", flush=True)
-    facts = {
-        "command": " ".join(["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
-        "budget": args.budget,
-        "budget_settings": budget,
-        "jobs": jobs,
-        "threads": env["OMP_NUM_THREADS"],
-        "wall_seconds": time.time() - start,
-        "classifier_accuracy": accuracy,
-    }
+    command = " ".join(["python", "scripts/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    invocation = {"command": command, "commit": commit(), "hardware": hardware(), "jobs": jobs,
+                  "threads": env["OMP_NUM_THREADS"], "minutes": round((time.time() - start) / 60, 1),
+                  "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+                  "made": [run.name for run in runs if run.made]}  # fmt: skip
+    facts = {"budget": args.budget, "budget_settings": budget, "classifier_accuracy": accuracy,
+             "invocations": record_invocation(work, invocation)}  # fmt: skip
     page = write_page(runs, work, args.out, facts)
     print(f"wrote {page}")
     return page
+
+
+def record_invocation(work: Path, invocation: dict) -> list[dict]:
+    """Append this invocation to ``<work>/invocations.json`` (runs keep who made them); all of them."""
+    path = work / "invocations.json"
+    known = json.loads(path.read_text()) if path.is_file() else []
+    known.append(invocation)
+    path.write_text(json.dumps(known, indent=1))
+    return known
 
 
 if __name__ == "__main__":

@@ -119,18 +119,24 @@ def facts_section(runs, facts: dict, data: dict[str, dict]) -> str:
         f"| {r.name} | {' '.join(r.overrides)} | {r.seconds['train']:.0f} | {r.seconds['eval']:.0f} |" for r in runs
     )
     total = sum(r.seconds["train"] + r.seconds["eval"] for r in runs)
+    made = [i for i in facts["invocations"] if i["made"]]
+    invocations = "".join(
+        f"  - `{i['command']}` at commit `{i['commit']}`, started {i['started']}: {i['minutes']:.1f} min wall "
+        f"on {i['hardware']}, {i['jobs']} run(s) in parallel with {i['threads']} thread(s) each; "
+        f"made {', '.join(i['made'])}\n"
+        for i in made
+    )
     return (
-        f"- command: `{facts['command']}` (with `FUSIONVAE_DATA_DIR` pointing at MNIST)\n"
-        f"- commit: `{commit()}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+        f"- made by (with `FUSIONVAE_DATA_DIR` pointing at MNIST):\n{invocations}"
+        f"- page written at commit `{commit()}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- budget `{facts['budget']}`: {budget.note}; shared overrides `{' '.join(budget.train)}`\n"
         f"- evaluation: the first {first.get('items')} test items (fixed corruption, `dataset.val_seed`), "
         f"S = {budget.iw_samples} importance samples, N = {budget.num_samples} samples at t = 1 (mean images); "
         f"± are standard errors over items\n"
         f"- digit classifier (`fusionvae.classifier`): {facts['classifier_accuracy']:.4f} accuracy on clean "
         f"MNIST test digits\n"
-        f"- hardware: {hardware()}; {facts['jobs']} runs in parallel, {facts['threads']} thread(s) each\n"
-        f"- wall time: {facts['wall_seconds'] / 60:.1f} min for this invocation; "
-        f"{total / 60:.1f} min of run time summed over runs\n\n"
+        f"- wall time: {sum(i['minutes'] for i in made):.1f} min; {total / 60:.1f} min of run time summed over "
+        f"runs (train + eval seconds per run below)\n\n"
         f"| run | overrides | train s | eval s |\n|---|---|---:|---:|\n{per_run}\n"
     )
 
