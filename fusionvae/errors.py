@@ -8,8 +8,10 @@ built-in type a caller would expect (FileNotFoundError, ValueError, ...).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 
 
@@ -60,12 +62,26 @@ def reported(prefix: str = "error"):
         yield
     except Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        _to_log_files(f"preempted: {stop}")
         sys.exit(stop.exit_code)
     except (FusionVAEError, FileNotFoundError, *_data_errors()) as err:
+        _to_log_files(f"{prefix}: {err}")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prefix}: {err}", file=sys.stderr, flush=True)
         sys.exit(getattr(err, "exit_code", 1))
+    except Exception:  # a bug: Hydra prints the traceback; keep it in the run's log file too
+        _to_log_files(f"{prefix}: unexpected failure\n{traceback.format_exc()}")
+        raise
+
+
+def _to_log_files(message: str) -> None:
+    """Write ``message`` to the file handlers of the root logger (the run's train.log / evaluate.log),
+    not to the console, which gets the one clean line."""
+    record = logging.LogRecord("fusionvae", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _data_errors() -> tuple[type[Exception], ...]:

@@ -54,3 +54,24 @@ def test_no_overrides_gives_the_task_name_and_resume_keeps_the_id(hydra_cfg):
     assert wandb_identity(cfg) == {"name": "train", "group": "train"}
     got = wandb_init(cfg, "abc123")
     assert got["id"] == "abc123" and got["resume"] == "allow" and got["name"] == "train"
+
+
+def test_failures_reach_the_run_log_file_and_the_console_gets_one_line(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from fusionvae.errors import BadInputError, reported
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    handler, root = logging.FileHandler(tmp_path / "train.log"), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with pytest.raises(SystemExit), reported():
+            raise BadInputError("model.num_mix must be >= 1")
+        with pytest.raises(ZeroDivisionError), reported():
+            print(1 / 0)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "error: model.num_mix must be >= 1" in text and "ZeroDivisionError: division by zero" in text
+    assert capsys.readouterr().err.strip().splitlines() == ["error: model.num_mix must be >= 1"]
