@@ -1,6 +1,6 @@
 """Reproduce the FusionMNIST comparison and ablation and publish them as docs/results.md.
 
-    FUSIONVAE_DATA_DIR=../shared/data python scripts/reproduce.py mnist                # CPU budget, ~1 h on 2 cores
+    FUSIONVAE_DATA_DIR=../shared/data python scripts/reproduce.py mnist                # CPU budget: 77 min on 2 cores
     FUSIONVAE_DATA_DIR=... python scripts/reproduce.py mnist --budget paper --jobs 1   # the paper's settings (GPUs)
 
 Trains every run of ``RUNS`` with ``train.py`` (FusionVAE, the CVAE and FCN baselines, and the

@@ -45,3 +45,18 @@ def test_unknown_runs_and_uneven_eval_items_are_refused():
         reproduce.main(["mnist", "--budget", "smoke", "--runs", "fusionvae,nope"])
     with pytest.raises(SystemExit, match="multiple of 8"):
         reproduce.main(["mnist", "--budget", "smoke", "--eval-items", "12"])
+
+
+@pytest.mark.parametrize("budget", sorted(reproduce.BUDGETS))
+def test_every_budget_composes_for_every_run(budget):
+    from conftest import compose_cfg
+
+    runs = {**reproduce.RUNS, **reproduce.SKIP_RUNS}
+    for name, (_, overrides) in runs.items():
+        train = [*reproduce.BUDGETS[budget].train, *overrides, *reproduce.QUIET, f"task_name=reproduce_{name}"]
+        cfg = compose_cfg("train", train)
+        assert cfg.task_name == f"reproduce_{name}" and cfg.callbacks.progress_bar is None
+    if budget == "paper":  # the paper's MNIST run: 400 epochs of batch 800 per device, 2 GPUs
+        assert (cfg.trainer.max_epochs, cfg.dataset.batch_size, cfg.trainer.devices) == (400, 800, 2)
+    else:
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps > 0
