@@ -38,6 +38,7 @@ from .classifier import semantic_metrics
 from .errors import BadInputError
 from .instantiate import build, finish
 from .lit_module import FusionVAEModule
+from .malloc import keep_freed_memory
 from .metrics import log_mean_exp, sample_metrics
 from .objective import k_range, log_likelihood, split_views
 from .report import describe_model, write_report
@@ -229,6 +230,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` per K; write metrics.{json,csv,md}, metrics_vs_k.png and grids to
     ``cfg.paths.output_dir``; return ``{K: {metric: mean}}``."""
     settings = EvalSettings.from_cfg(cfg.get("eval"))
+    keep_freed_memory()  # 1.8x faster on the CPU (fusionvae/malloc.py)
     ckpt_path, model = checkpoint_to_evaluate(cfg)
     datamodule, _, trainer = build(cfg)
     evaluator = Evaluator(model, settings)
