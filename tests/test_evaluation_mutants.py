@@ -70,6 +70,22 @@ def test_test_step_moments_exact_count_and_device(monkeypatch):
     assert e._sums[0]["meta"].device.type == "meta" and e._sums[0]["meta"].shape == (3,)
 
 
+def test_test_step_passes_the_loaded_classifier(monkeypatch, tmp_path):
+    from fusionvae import classifier as digits
+
+    path = digits.save(digits.ImageClassifier(size=2), tmp_path / "digits.pt", 0.75)
+    e = Evaluator(tiny(k_max=0), EvalSettings(classifier=str(path)))
+    assert isinstance(e.classifier, digits.ImageClassifier) and e.classifier_accuracy == 0.75
+    seen = []
+    monkeypatch.setattr(
+        ev, "evaluate_batch", lambda module, batch, k, settings, classifier=None: seen.append(classifier) or {}
+    )
+    e.on_test_epoch_start()
+    e.test_step(torch.zeros(1, 1, 1, 2, 2), 0)
+    assert seen == [e.classifier]
+    assert Evaluator(tiny(k_max=0), EvalSettings()).classifier is None
+
+
 def test_epoch_end_means_stderr_and_log():
     e = Evaluator(tiny(), EvalSettings())
     f64 = dict(dtype=torch.float64)

@@ -94,3 +94,30 @@ def test_sample_metrics_use_the_central_crop():
     assert out["mse_best"].item() == 0 and out["psnr_best"].item() == 100.0
     torch.testing.assert_close(out["ssim_mean"], torch.ones(1))
     assert sample_metrics(sample.unsqueeze(1), target, crop=0)["mse_best"].item() > 0
+
+
+def test_diversity_is_the_mean_pairwise_rms_distance():
+    from fusionvae.metrics import diversity
+
+    a, b, c = torch.zeros(1, 16), torch.full((1, 16), 0.5), torch.full((1, 16), 0.25)
+    # pairs (a,b)=0.5, (a,c)=0.25, (b,c)=0.25: mean over ordered pairs = (0.5 + 0.25 + 0.25) / 3
+    got = diversity(torch.stack([a, b, c], dim=1))
+    torch.testing.assert_close(got, torch.tensor([1.0 / 3.0]))
+    assert diversity(torch.rand(4, 1, 16)).tolist() == [0.0] * 4  # one sample: no pairs
+
+
+def test_semantic_metrics_compare_samples_with_the_class_of_the_target():
+    from fusionvae.classifier import semantic_metrics
+
+    class Brightness(torch.nn.Module):  # class 1 for a bright image, else 0
+        def forward(self, images):
+            bright = images.flatten(1).mean(1) > 0.5
+            return torch.stack([~bright, bright], dim=1).float()
+
+    target = torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])  # classes 1, 0
+    samples = torch.stack([torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])] * 2)
+    out = semantic_metrics(Brightness(), samples, target)  # item 0: 2 of 3 right; item 1: 1 of 3 right
+    torch.testing.assert_close(out["class_mean"], torch.tensor([2 / 3, 1 / 3]))
+    assert out["class_best"].tolist() == [1.0, 1.0]
+    none_right = semantic_metrics(Brightness(), torch.zeros(1, 2, 1, 4, 4), torch.ones(1, 1, 4, 4))
+    assert none_right["class_best"].tolist() == [0.0] and none_right["class_mean"].tolist() == [0.0]
