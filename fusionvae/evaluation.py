@@ -137,6 +137,8 @@ class Evaluator(L.LightningModule):
         self.classifier, self.classifier_accuracy = (
             load_classifier(settings.classifier) if settings.classifier else (None, None)
         )
+        if self.classifier is not None:
+            check_classifier(self.classifier, module.hparams, settings.classifier)
         self.results: dict[int, dict[str, float]] = {}
         self.stderr: dict[int, dict[str, float]] = {}
         self.items = 0  # test items evaluated (per K)
@@ -180,6 +182,17 @@ class Evaluator(L.LightningModule):
                 for name, v in row.items()
             },
             sync_dist=False,
+        )
+
+
+def check_classifier(classifier, hparams, path) -> None:
+    """Refuse a classifier made for other images than the model's, before any data is read."""
+    got = (classifier.config["channels"], classifier.config["size"])
+    want = (hparams.get("channels", 1), hparams.get("image_size", 32))
+    if got != want:
+        raise BadInputError(
+            f"eval.classifier={path} classifies {got[0]}x{got[1]}x{got[1]} images, the model makes "
+            f"{want[0]}x{want[1]}x{want[1]}: use a classifier for this dataset or eval.classifier=null"
         )
 
 

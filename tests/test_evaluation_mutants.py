@@ -73,7 +73,7 @@ def test_test_step_moments_exact_count_and_device(monkeypatch):
 def test_test_step_passes_the_loaded_classifier(monkeypatch, tmp_path):
     from fusionvae import classifier as digits
 
-    path = digits.save(digits.ImageClassifier(size=2), tmp_path / "digits.pt", 0.75)
+    path = digits.save(digits.ImageClassifier(size=32), tmp_path / "digits.pt", 0.75)
     e = Evaluator(tiny(k_max=0), EvalSettings(classifier=str(path)))
     assert isinstance(e.classifier, digits.ImageClassifier) and e.classifier_accuracy == 0.75
     seen = []
@@ -84,6 +84,9 @@ def test_test_step_passes_the_loaded_classifier(monkeypatch, tmp_path):
     e.test_step(torch.zeros(1, 1, 1, 2, 2), 0)
     assert seen == [e.classifier]
     assert Evaluator(tiny(k_max=0), EvalSettings()).classifier is None
+    wrong = digits.save(digits.ImageClassifier(channels=3, size=32), tmp_path / "rgb.pt", 0.5)
+    with pytest.raises(BadInputError, match=r"classifies 3x32x32 images, the model makes 1x32x32"):
+        Evaluator(tiny(k_max=0), EvalSettings(classifier=str(wrong)))
 
 
 def test_epoch_end_means_stderr_and_log():
