@@ -22,14 +22,16 @@ from datamodules.idx import read_idx
 
 MNIST_SIZE = 28
 IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 # The fixed corruption is drawn in chunks of this many images (bounds memory); changing it
 # changes the stored validation set.
 _FIXED_CHUNK = 1000
 
 
-def find_mnist_file(data_dir: str | Path, split: str) -> Path:
-    """Path of the ``split`` ("train" / "test") image file under ``<data_dir>/MNIST/raw`` (raw or ``.gz``)."""
-    expected = Path(data_dir).expanduser().absolute() / "MNIST" / "raw" / IMAGE_FILES[split]
+def find_mnist_file(data_dir: str | Path, split: str, files: dict[str, str] = IMAGE_FILES) -> Path:
+    """Path of the ``split`` ("train" / "test") file of ``files`` (images, or ``LABEL_FILES``) under
+    ``<data_dir>/MNIST/raw`` (raw or ``.gz``)."""
+    expected = Path(data_dir).expanduser().absolute() / "MNIST" / "raw" / files[split]
     for path in (expected, expected.with_name(expected.name + ".gz")):
         if path.is_file():
             return path
@@ -37,7 +39,7 @@ def find_mnist_file(data_dir: str | Path, split: str) -> Path:
         f"MNIST file not found: {expected} (nor {expected.name}.gz). Point the env var FUSIONVAE_DATA_DIR "
         f"(config key paths.data_dir, now {str(data_dir)!r}) at the directory that holds MNIST/raw/, "
         f"or set dataset.download=true to fetch it with torchvision, or copy torchvision's raw MNIST "
-        f"files ({', '.join(IMAGE_FILES.values())}) into {expected.parent}"
+        f"files ({', '.join(files.values())}) into {expected.parent}"
     )
 
 
@@ -49,6 +51,11 @@ def load_mnist_images(data_dir: str | Path, split: str, pad: int) -> torch.Tenso
         raise ValueError(f"{path}: expected uint8 images [N, 28, 28], got {images.dtype} {images.shape}")
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))  # a writable copy
     return torch.from_numpy(padded).unsqueeze(1)
+
+
+def load_mnist_labels(data_dir: str | Path, split: str) -> torch.Tensor:
+    """int64 digit labels ``[N]`` of the ``split`` ("train" / "test")."""
+    return torch.from_numpy(read_idx(find_mnist_file(data_dir, split, LABEL_FILES)).astype(np.int64))
 
 
 def scale_to_unit(images: torch.Tensor, indices: list[int]) -> torch.Tensor:

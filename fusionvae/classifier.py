@@ -19,12 +19,10 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from datamodules.idx import read_idx
-from datamodules.mnist import load_mnist_images
+from datamodules.mnist import load_mnist_images, load_mnist_labels
 
 
 class ImageClassifier(nn.Module):
@@ -49,17 +47,6 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, classes]`` of images ``[B, C, H, W]`` in [0, 1]."""
         return self.net(images.float() * 2 - 1)
-
-
-def mnist_labels(data_dir: str | Path, split: str) -> torch.Tensor:
-    """int64 labels of the ``split`` ("train" / "t10k") MNIST file under ``<data_dir>/MNIST/raw``."""
-    path = Path(data_dir).expanduser().absolute() / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte"
-    for candidate in (path, path.with_name(path.name + ".gz")):
-        if candidate.is_file():
-            return torch.from_numpy(read_idx(candidate).astype(np.int64))
-    raise FileNotFoundError(
-        f"MNIST labels not found: {path} (nor .gz); point FUSIONVAE_DATA_DIR at the directory that holds MNIST/raw/"
-    )
 
 
 def fit(
@@ -128,9 +115,9 @@ def ensure_classifier(
     path = Path(path)
     if path.is_file():
         return path, load(path)[1]
-    images, labels = load_mnist_images(data_dir, "train", pad), mnist_labels(data_dir, "train")
+    images, labels = load_mnist_images(data_dir, "train", pad), load_mnist_labels(data_dir, "train")
     model = fit(images[:items], labels[:items], epochs)
-    test_accuracy = accuracy(model, load_mnist_images(data_dir, "test", pad), mnist_labels(data_dir, "t10k"))
+    test_accuracy = accuracy(model, load_mnist_images(data_dir, "test", pad), load_mnist_labels(data_dir, "test"))
     return save(model, path, test_accuracy), test_accuracy
 
 

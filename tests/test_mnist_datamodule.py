@@ -214,3 +214,12 @@ def test_corrupt_idx_file_gives_clear_error(tmp_path: Path, name: str, damage) -
     (raw / name).write_bytes(damage(T10K.read_bytes()))
     with pytest.raises(ValueError, match=re.escape(str(raw / name)) + ".*(truncated|magic|gzip)"):
         make_dm(tmp_path).setup("validate")
+
+
+def test_labels_are_read_like_the_images(data_dir, tmp_path):
+    from datamodules.mnist import load_mnist_labels
+
+    labels = load_mnist_labels(data_dir, "test")
+    assert labels.dtype == torch.int64 and labels.shape == (10000,) and labels[:5].tolist() == [7, 2, 1, 0, 4]
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte \(nor t10k-labels-idx1-ubyte.gz\)"):
+        load_mnist_labels(tmp_path, "test")
