@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BadInputError
+from .resume import compose_train, select_overrides
 
 LAUNCHERS = ("submitit_slurm", "slurm")
 # config groups and keys that can change trainer.devices / trainer.num_nodes
@@ -22,8 +23,8 @@ def _key(arg: str) -> str:
 
 def _sizing_overrides(args: list[str]) -> list[str]:
     """The overrides that can change the trainer's size; a swept one (``a,b``) is refused."""
-    picked = [a for a in args if "=" in a and _key(a).split(".")[0].split("/")[0] in _SIZING]
-    swept = [a for a in picked if "," in a.split("=", 1)[1] or "(" in a.split("=", 1)[1]]
+    picked = select_overrides(args, _SIZING)
+    swept = [a for a in picked if "=" in a and ("," in a.split("=", 1)[1] or "(" in a.split("=", 1)[1])]
     if swept:
         raise BadInputError(
             f"{swept[0]}: the jobs of one SLURM sweep share one job size; sweep trainer sizes in separate commands"
@@ -33,10 +34,7 @@ def _sizing_overrides(args: list[str]) -> list[str]:
 
 def trainer_size(args: list[str], config_dir: Path) -> tuple[int, int]:
     """``(trainer.num_nodes, trainer.devices)`` of the train config composed with ``args``."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=_sizing_overrides(args))
+    cfg = compose_train(_sizing_overrides(args), config_dir)
     nodes, devices = cfg.trainer.get("num_nodes", 1), cfg.trainer.get("devices", 1)
     if not isinstance(devices, int) or not isinstance(nodes, int):
         raise BadInputError(

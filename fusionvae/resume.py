@@ -119,15 +119,25 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def select_overrides(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """The command-line overrides whose first key or group (``trainer.x=``, ``trainer=``,
+    ``~trainer.x``) is one of ``keys``."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0].split("/")[0] in keys]
+
+
+def compose_train(overrides: list[str], config_dir: Path) -> DictConfig:
+    """The train config with ``overrides``, before Hydra starts (argument rewriting: resume, SLURM sizes)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
 def _compose_log_dir(overrides: list[str], config_dir: Path, keys: tuple[str, ...]) -> tuple[str, str]:
     """``(paths.log_dir, task_name)`` of the train config with the overrides of ``keys`` (others,
     e.g. evaluate.py's ``eval.*``, may not exist in it)."""
-    from hydra import compose, initialize_config_dir
-
-    picked = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0] in keys]
-    with initialize_config_dir(str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=picked)
-        return str(cfg.paths.log_dir), str(cfg.task_name)
+    cfg = compose_train(select_overrides(overrides, keys), config_dir)
+    return str(cfg.paths.log_dir), str(cfg.task_name)
 
 
 def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
