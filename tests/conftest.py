@@ -37,6 +37,19 @@ TINY = [
 ]
 
 
+def save_checkpoint(module, path: Path, state_dict: dict | None = None) -> Path:
+    """A checkpoint of ``module`` that ``load_from_checkpoint`` reads, without a training run
+    (``state_dict`` replaces the module's own, e.g. with old key names)."""
+    import lightning as L
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = module.state_dict() if state_dict is None else state_dict
+    ckpt = {"state_dict": state, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}
+    torch.save(ckpt, path)
+    return path
+
+
 def compose_cfg(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)

@@ -4,9 +4,7 @@ re-adjustment, grids, settings, and evaluate.py's job end to end on a tiny check
 import csv
 import json
 import math
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -17,27 +15,13 @@ from fusionvae.evaluation import EvalSettings, evaluate_batch, importance_weight
 from fusionvae.lit_module import FusionVAEModule
 from fusionvae.objective import log_likelihood, split_views
 from fusionvae.sampling import draw, fusion_grid
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import TINY, compose_cfg, save_checkpoint
 
 
 def tiny_module(**overrides) -> FusionVAEModule:
     """The tiny MNIST-shaped model of the test configs (random weights)."""
     cfg = compose_cfg("train", [*TINY, *[f"model.{k}={v}" for k, v in overrides.items()]])
     return instantiate(cfg.model)
-
-
-def save_checkpoint(module: FusionVAEModule, path: Path) -> Path:
-    """A checkpoint ``load_from_checkpoint`` reads, without a training run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": L.__version__,
-        },
-        path,
-    )
-    return path
 
 
 def fake_batch(b=4, views=3, size=32, seed=0):

@@ -2,9 +2,7 @@
 selection, grids and run_evaluation's report fields (heavy parts faked); written against its mutants."""
 
 import types
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -15,6 +13,7 @@ import fusionvae.evaluation as ev
 from fusionvae.errors import BadInputError, CheckpointError
 from fusionvae.evaluation import EvalSettings, Evaluator
 from fusionvae.lit_module import FusionVAEModule
+from tests.conftest import save_checkpoint
 from tests.test_network import TINY
 
 
@@ -172,19 +171,6 @@ def test_write_grids_bn_readjust_per_temperature(tmp_path, monkeypatch):
 
 
 # ---- checkpoint selection -------------------------------------------------------------------------
-def save(module, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": L.__version__,
-        },
-        path,
-    )
-    return path
-
-
 NEEDS = (
     "evaluate.py needs a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt "
     "(or ckpt_path=last for the newest training run)"
@@ -197,7 +183,7 @@ def test_checkpoint_to_evaluate(tmp_path):
         with pytest.raises(BadInputError) as err:
             ev.checkpoint_to_evaluate(cfg)
         assert str(err.value) == NEEDS
-    ckpt = save(tiny(), tmp_path / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt")
+    ckpt = save_checkpoint(tiny(), tmp_path / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt")
     cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"log_dir": str(tmp_path)}, "dataset": {"k_max": 3}})
     path, model = ev.checkpoint_to_evaluate(cfg)
     assert path == ckpt and isinstance(model, FusionVAEModule) and model.hparams.k_max == 3
@@ -207,7 +193,7 @@ def test_checkpoint_to_evaluate(tmp_path):
 
 
 def test_load_model_maps_to_cpu(tmp_path, monkeypatch):
-    ckpt = save(tiny(), tmp_path / "m.ckpt")
+    ckpt = save_checkpoint(tiny(), tmp_path / "m.ckpt")
     seen = {}
     real = FusionVAEModule.load_from_checkpoint
 

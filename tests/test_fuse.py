@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from fusionvae.fuse import fuse, fuse_files, load_image, load_views, main
-from tests.conftest import ROOT
-from tests.test_evaluation import save_checkpoint, tiny_module
+from tests.conftest import ROOT, save_checkpoint
+from tests.test_evaluation import tiny_module
 
 CELL = 64 + 2  # a 32 px image enlarged to 64, + grid padding
 HEADER = 14  # the row of column labels

@@ -25,7 +25,7 @@ from fusionvae.fuse import main as fuse_main
 from fusionvae.instantiate import build
 from fusionvae.lit_module import FusionVAEModule
 from fusionvae.training import train
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import ROOT, TINY, compose_cfg, save_checkpoint
 from tests.long_run_helpers import Poison
 from tests.test_network import TINY as TINY_NET
 
@@ -263,16 +263,7 @@ def test_sigkill_during_lmdb_build_is_cleaned_up_and_rebuilt(tmp_path):
 
 # ---- up-front checks ----------------------------------------------------------------------------
 def tiny_checkpoint(path: Path, **hparams) -> Path:
-    module = FusionVAEModule(**{**TINY_NET, **hparams})
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": L.__version__,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(FusionVAEModule(**{**TINY_NET, **hparams}), path)
 
 
 def test_mismatched_checkpoint_is_refused_before_data_preparation(tmp_path):

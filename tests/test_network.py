@@ -212,9 +212,8 @@ def test_activation_checkpointing_changes_neither_values_nor_batch_norm_state():
 
 
 def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteration(tmp_path):
-    import lightning as L
-
     from fusionvae.lit_module import FusionVAEModule
+    from tests.conftest import save_checkpoint
 
     old_names = {
         "cells": "dec_cells",
@@ -231,11 +230,7 @@ def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteratio
             key = ".".join(["net", old_names[parts[3]], parts[2], *parts[4:]])
         state[key] = value
     state["spectral.initialised"] = torch.tensor(True)
-    path = tmp_path / "old.ckpt"
-    torch.save(
-        {"state_dict": state, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__},
-        path,
-    )
+    path = save_checkpoint(module, tmp_path / "old.ckpt", state)
     loaded = FusionVAEModule.load_from_checkpoint(path)
     assert torch.equal(loaded.net.latent_groups[1].head.weight, module.net.latent_groups[1].head.weight)
     assert not bool(loaded.spectral.initialised)  # the u / v rows no longer match the conv order
