@@ -206,12 +206,12 @@ def chosen(args: argparse.Namespace) -> tuple[Budget, list[Run]]:
     )
     if budget.eval_items % budget.eval_batch:
         raise SystemExit(f"--eval-items must be a multiple of {budget.eval_batch} (the evaluation batch)")
-    table = {**RUNS, **(SKIP_RUNS if args.skips else {})}
-    names = args.runs.split(",") if args.runs else list(table)
-    unknown = [n for n in names if n not in {**RUNS, **SKIP_RUNS}]
+    known = {**RUNS, **SKIP_RUNS}
+    names = args.runs.split(",") if args.runs else [*RUNS, *(SKIP_RUNS if args.skips else {})]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join({**RUNS, **SKIP_RUNS})}")
-    return budget, [Run(n, *{**RUNS, **SKIP_RUNS}[n]) for n in names]
+        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return budget, [Run(n, *known[n]) for n in names]
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -5,7 +5,6 @@ kept, so a hand-written discussion survives a rerun."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -180,7 +179,3 @@ def write_page(runs, work: Path, out: Path, facts: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     page.write_text("".join(parts))
     return page
-
-
-def budget_dict(budget) -> dict:
-    return dataclasses.asdict(budget)
