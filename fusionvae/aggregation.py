@@ -1,8 +1,18 @@
-"""Permutation-invariant fusion of per-view Normal parameters (docs/design.md §1.1).
+"""Permutation-invariant fusion of K >= 1 views (docs/design.md §1.1); K = 0 never gets here.
 
-Every aggregation maps the raw head outputs ``[B, K, 2 Z, ...]`` of K >= 1 views to one prior
-``Normal``; K = 0 never gets here (the network uses the unconditional prior). To add one, write a
-function ``(params) -> Normal`` and register it in ``AGGREGATIONS`` (config ``model.aggregation``).
+Where the views are combined is ``model.aggregation_level`` (``AGGREGATION_LEVELS``):
+
+- ``features`` (default): ``pool_features`` takes the element-wise max / mean of the per-view
+  features f_k = e_k + Conv1x1(s) ``[B, K, C, ...]``; the group's head then maps the pooled
+  features to the prior's parameters once. Only ``max`` and ``mean`` pool features.
+- ``params``: the head runs on every view and ``aggregate_params`` fuses the K raw head outputs
+  ``[B, K, 2 Z, ...]`` into one prior ``Normal`` with one of ``AGGREGATIONS`` (config
+  ``model.aggregation``). To add one, write a function ``(params) -> Normal`` and register it.
+
+``features`` is our reading of the official final configuration (``encComb='multiAdd'``,
+``agg='maxAg'``, ``convPBefAg=False``; its README: ``aggregate`` combines features,
+``aggregate_dist`` means and variances); the modified NVAE model file was never published, so it
+is an inference, not a copy. The aggregations on parameters:
 
 - ``max``:   element-wise max of mu and of sigma separately (paper default);
 - ``mean``:  mean of mu and of log sigma (geometric mean of sigma);
@@ -79,6 +89,28 @@ def aggregate_params(params: torch.Tensor, mode: str) -> Normal:
     return AGGREGATIONS[mode](params)
 
 
-def aggregate_features(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """Fuse deterministic ``[B, K, C, H, W]`` features (K >= 1; skip connections): max or mean."""
-    return x.amax(dim=1) if mode == "max" else x.mean(dim=1)
+FEATURE_POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "max": lambda x: x.amax(dim=1),
+    "mean": lambda x: x.mean(dim=1),
+}
+AGGREGATION_LEVELS = ("features", "params")
+
+
+def check_aggregation_level(level: str, aggregation: str) -> str:
+    """``level`` if ``aggregation`` can work there; one line naming the fix otherwise."""
+    if level not in AGGREGATION_LEVELS:
+        raise ValueError(
+            f"unknown aggregation level '{level}'; choose one of {', '.join(AGGREGATION_LEVELS)} "
+            "(model.aggregation_level)"
+        )
+    if level == "features" and aggregation not in FEATURE_POOLS:
+        raise ValueError(
+            f"model.aggregation={aggregation} combines distributions, so it needs their parameters: "
+            f"use model.aggregation_level=params (features pool only with {' or '.join(FEATURE_POOLS)})"
+        )
+    return level
+
+
+def pool_features(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Fuse features ``[B, K, C, H, W]`` (K >= 1) over the views: element-wise max or mean."""
+    return FEATURE_POOLS[mode](x)

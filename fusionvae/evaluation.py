@@ -13,9 +13,14 @@ a subset), in eval mode and fp32 (autocast off):
   also ``class_{best,mean}`` (``fusionvae.classifier``). For a deterministic net (FCN) every draw is the same, so
   S = 1 (and N = 1 with mean images) is used: the values are identical and exact.
 
-Results are kept per K (``{K: {metric: mean}}`` with standard errors over items), logged as
-``eval/<metric>_k<K>`` (``train.py test=true`` logs its one-draw NELBO as ``test/``, a different
-estimator) and written by ``fusionvae.report``. Then image grids per K (``fusionvae.sampling``).
+The fusion diagnostic per K: ``kl``, KL(q || p) summed over the groups and averaged over the S
+draws, and ``prior_sigma``, the prior's mean sigma (``FusionOutput.prior_sigma``).
+
+Results are kept per K (``{K: {metric: mean}}`` with standard errors over items) and per item
+(``per_item``: ``{K: {metric: [N]}}``, written as ``per_item.csv`` so that same-item differences can
+be paired later), logged as ``eval/<metric>_k<K>`` (``train.py test=true`` logs its one-draw
+NELBO as ``test/``, a different estimator) and written by ``fusionvae.report``. Then image
+grids per K (``fusionvae.sampling``).
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ from .lit_module import FusionVAEModule
 from .malloc import keep_freed_memory
 from .metrics import log_mean_exp, sample_metrics
 from .objective import k_range, log_likelihood, split_views
-from .report import describe_model, write_report
-from .resume import check_dataset, read_checkpoint, resolve_ckpt_path
+from .report import describe_model, write_per_item, write_report
+from .resume import check_dataset, legacy_overrides, read_checkpoint, resolve_ckpt_path
 from .sampling import DECODE_MODES, draw, fusion_grid, log_images
 
 
@@ -87,9 +92,11 @@ class EvalSettings:
 def importance_weighted(
     module: FusionVAEModule, views: torch.Tensor, target: torch.Tensor, samples: int, chunk: int
 ) -> dict[str, torch.Tensor]:
-    """IW-NLL and NELBO in nats per item ``[B]`` from ``samples`` posterior draws, ``chunk`` per pass."""
+    """IW-NLL, NELBO and KL in nats per item ``[B]`` from ``samples`` posterior draws, ``chunk`` per
+    pass, and the prior's mean sigma averaged over the draws."""
     b, crop = target.shape[0], module.hparams.crop
     log_w, nelbo = [], target.new_zeros(b, dtype=torch.float32)
+    kl, sigma = torch.zeros_like(nelbo), torch.zeros_like(nelbo)
     with torch.autocast(target.device.type, enabled=False):
         views, target = views.float(), target.float()
         for start in range(0, samples, chunk):
@@ -97,8 +104,12 @@ def importance_weighted(
             out = module.net(views, target, repeats=c)
             log_px = log_likelihood(out.likelihood, target.repeat_interleave(c, dim=0), crop)  # [B * c]
             log_w.append((log_px + out.log_p.float() - out.log_q.float()).view(b, c))
-            nelbo += (-log_px + out.kl.float().sum(1)).view(b, c).sum(1)
-    return {"iw_nll": -log_mean_exp(torch.cat(log_w, dim=1).double(), dim=1).float(), "nelbo": nelbo / samples}
+            kl_c = out.kl.float().sum(1)
+            nelbo += (-log_px + kl_c).view(b, c).sum(1)
+            kl += kl_c.view(b, c).sum(1)
+            sigma += out.prior_sigma.view(b, c).sum(1)
+    iw_nll = -log_mean_exp(torch.cat(log_w, dim=1).double(), dim=1).float()
+    return {"iw_nll": iw_nll, "nelbo": nelbo / samples, "kl": kl / samples, "prior_sigma": sigma / samples}
 
 
 @torch.no_grad()
@@ -115,7 +126,9 @@ def evaluate_batch(
     # a deterministic net (FCN: log q = log p = 0) gives the same weight for every draw: one is exact
     stochastic = module.net.stochastic
     iw = importance_weighted(module, views, target, settings.iw_samples if stochastic else 1, settings.iw_chunk)
+    sigma = iw.pop("prior_sigma")
     out = {name: module.units(value, target) for name, value in iw.items()}
+    out["prior_sigma"] = sigma
     n = settings.num_samples if stochastic or settings.decode == "sample" else 1  # mean images of one z: alike
     samples = draw(module.net, views, n, settings.sample_temperature, settings.decode, settings.iw_chunk)
     out.update(sample_metrics(samples, target, crop=module.hparams.crop))
@@ -126,8 +139,8 @@ def evaluate_batch(
 
 class Evaluator(L.LightningModule):
     """Runs ``evaluate_batch`` for every K in Lightning's test loop. ``results`` is
-    ``{K: {metric: mean}}`` and ``stderr`` ``{K: {metric: standard error over items}}`` after the
-    loop; both are gathered over ranks."""
+    ``{K: {metric: mean}}``, ``stderr`` ``{K: {metric: standard error over items}}`` and
+    ``per_item`` ``{K: {metric: [N] values in item order}}`` after the loop; all gathered over ranks."""
 
     def __init__(self, module: FusionVAEModule, settings: EvalSettings):
         super().__init__()
@@ -142,17 +155,20 @@ class Evaluator(L.LightningModule):
         self.results: dict[int, dict[str, float]] = {}
         self.stderr: dict[int, dict[str, float]] = {}
         self.items = 0  # test items evaluated (per K)
+        self.per_item: dict[int, dict[str, torch.Tensor]] = {}
         self._sums: dict[int, dict[str, torch.Tensor]] = {}  # K -> metric -> [count, sum, sum of squares]
+        self._values: dict[int, dict[str, list[torch.Tensor]]] = {}  # K -> metric -> per-batch values
 
     def on_test_epoch_start(self) -> None:
-        self._sums = {}
+        self._sums, self._values = {}, {}
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         batch = batch.float()
         for k in k_range(self.module.hparams.k_max, batch):
-            sums = self._sums.setdefault(k, {})
+            sums, kept = self._sums.setdefault(k, {}), self._values.setdefault(k, {})
             for name, values in evaluate_batch(self.module, batch, k, self.settings, self.classifier).items():
                 v = values.double()
+                kept.setdefault(name, []).append(v.detach())
                 moments = torch.stack(
                     [torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device), v.sum(), v.pow(2).sum()]
                 )
@@ -175,6 +191,7 @@ class Evaluator(L.LightningModule):
             self.results.setdefault(k, {})[name] = mean
             self.stderr.setdefault(k, {})[name] = math.sqrt(variance / count)
             self.items = int(count)
+        self.per_item = self._gather_items()
         self.log_dict(
             {
                 f"eval/{name}_k{k}": torch.tensor(v, dtype=torch.float32)
@@ -183,6 +200,18 @@ class Evaluator(L.LightningModule):
             },
             sync_dist=False,
         )
+
+    def _gather_items(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every rank's per-item values on the CPU in dataset order. Lightning's test sampler deals
+        item i to rank i % world_size, so interleaving the ranks' values restores the order."""
+        out = {}
+        for k, metrics in self._values.items():
+            for name, chunks in metrics.items():
+                values = torch.cat(chunks)
+                if self.trainer.world_size > 1:
+                    values = self.all_gather(values).t().flatten()  # [world, n] -> item order
+                out.setdefault(k, {})[name] = values.cpu()
+        return out
 
 
 def check_classifier(classifier, hparams, path) -> None:
@@ -220,9 +249,11 @@ def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir
 
 # ---- entry point --------------------------------------------------------------------------------
 def load_model(ckpt_path: str) -> FusionVAEModule:
-    """The module of a checkpoint; one-line ``FusionVAEError`` if it is missing or damaged."""
-    read_checkpoint(ckpt_path)  # cheap (memory-mapped): clear errors before Lightning's loader
-    return FusionVAEModule.load_from_checkpoint(Path(ckpt_path), map_location="cpu")
+    """The module of a checkpoint, as it was trained (also one written before a network setting
+    existed: ``legacy_overrides``); one-line ``FusionVAEError`` if it is missing or damaged."""
+    ckpt = read_checkpoint(ckpt_path)  # cheap (memory-mapped): clear errors before Lightning's loader
+    legacy = legacy_overrides(ckpt["hyper_parameters"])
+    return FusionVAEModule.load_from_checkpoint(Path(ckpt_path), map_location="cpu", **legacy)
 
 
 def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
@@ -266,6 +297,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
                 "seconds": round(seconds, 1),
             }
             write_report(results, evaluator.stderr, info, out_dir)
+            write_per_item(evaluator.per_item, out_dir / "per_item.csv")
             paths = write_grids(
                 model, datamodule.test_dataloader(), settings, out_dir / "images", trainer.strategy.root_device
             )

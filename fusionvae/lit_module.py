@@ -7,6 +7,8 @@ owns the skip policy for non-finite steps.
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -54,7 +56,9 @@ class FusionVAEModule(L.LightningModule):
             raise ValueError(f"model.k_max must be >= 0 (number of input views), got {k_max}")
         if crop < 0:
             raise ValueError(f"model.crop must be >= 0, got {crop}")
-        # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses)
+        # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses).
+        # aggregation_level always: a checkpoint without it is one written before it existed (resume.legacy_overrides)
+        net = {"aggregation_level": inspect.signature(FusionVAE).parameters["aggregation_level"].default, **net}
         self.save_hyperparameters(
             dict(
                 optim=optim,
@@ -95,10 +99,10 @@ class FusionVAEModule(L.LightningModule):
         g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.train_batches))
         return int(torch.randint(0, self.hparams.k_max + 1, (1,), generator=g))
 
-    def terms(self, batch: torch.Tensor, k: int) -> Terms:
+    def terms(self, batch: torch.Tensor, k: int, prior_sigma: bool = False) -> Terms:
         """NLL and KL per item for the last ``k`` views of ``batch`` (one posterior draw)."""
         views, target = split_views(batch, k)
-        return compute_terms(self.net, views, target, self.hparams.crop)
+        return compute_terms(self.net, views, target, self.hparams.crop, prior_sigma)
 
     def units(self, nats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Nats per image, or bits per dimension when ``bits_per_dim``."""
@@ -252,13 +256,22 @@ class FusionVAEModule(L.LightningModule):
     # ---- validation and test: one posterior draw per item ------------------------------------
     def _eval_step(self, batch: torch.Tensor, prefix: str) -> None:
         """``<prefix>/nelbo_k<K>`` for every K and their mean ``<prefix>/nelbo`` (one posterior draw
-        at the trainer's precision; ``evaluate.py`` reports the fp32 S-sample estimates as ``eval/``)."""
+        at the trainer's precision; ``evaluate.py`` reports the fp32 S-sample estimates as ``eval/``).
+
+        The fusion diagnostic per K: ``<prefix>/kl_k<K>``, KL(q || p) summed over the groups (in the
+        NELBO's units), and ``<prefix>/prior_sigma_k<K>``, the prior's mean sigma. When the views
+        inform the prior, both fall as K grows."""
         per_k = []
         for k in range(self.hparams.k_max + 1):
-            terms = self.terms(batch, k)
+            terms = self.terms(batch, k, prior_sigma=True)
             value = self.units(terms.nelbo, terms.target).mean()
             per_k.append(value)
-            self.log(f"{prefix}/nelbo_k{k}", value, sync_dist=True, batch_size=batch.shape[0])
+            diagnostic = {
+                f"{prefix}/nelbo_k{k}": value,
+                f"{prefix}/kl_k{k}": self.units(terms.kl.sum(1), terms.target).mean(),
+                f"{prefix}/prior_sigma_k{k}": terms.prior_sigma.mean(),
+            }
+            self.log_dict(diagnostic, sync_dist=True, batch_size=batch.shape[0])
         self.log(f"{prefix}/nelbo", torch.stack(per_k).mean(), sync_dist=True, prog_bar=True, batch_size=batch.shape[0])
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:

@@ -2,8 +2,9 @@
 (docs/design.md §1).
 
 The bottom-up encoder runs on all views and the target at once (folded into the batch, shared
-weights). Each ``LatentGroup`` of the top-down decoder maps ``e_k + Conv1x1(s)`` to per-slot
-Normal parameters: the prior aggregates the K views, the posterior uses the target.
+weights). Each ``LatentGroup`` of the top-down decoder forms ``f_k = e_k + Conv1x1(s)`` per slot:
+the prior combines the K views (pooled features or fused Normals, ``aggregation_level``), the
+posterior uses the target.
 
 Glossary: K = number of input views; slot = one image of the folded stack (K views, then the
 target when given); group = one latent variable z_l; scale = one resolution of the hierarchy;
@@ -18,13 +19,16 @@ import torch
 import torch.nn as nn
 
 from . import checkpointing
-from .aggregation import aggregate_features, check_aggregation
+from .aggregation import check_aggregation, check_aggregation_level, pool_features
 from .cells import decoder_cell, encoder_cell
-from .distributions import LIKELIHOODS, Likelihood
+from .distributions import LIKELIHOODS, Likelihood, Normal
 from .latent_group import LatentGroup, legacy_key_map
 from .layers import conv
 
-SKIP_MODES = ("none", "max", "mean")
+# encoder->decoder skips (baselines and the ablation only), named as in the official code:
+# "max" / "mean" pool {s, skip_1..skip_K} element-wise (maxAg / meaAg, the official default is
+# maxAg); "max_add" / "mean_add" add the pooled skips to s (maxAgAdd / meaAgAdd)
+SKIP_MODES = ("none", "max", "mean", "max_add", "mean_add")
 
 
 def groups_per_scale(num_scales: int, num_groups: int, ada_groups: bool, min_groups: int = 1) -> list[int]:
@@ -43,6 +47,14 @@ class FusionOutput:
     kl: torch.Tensor  # [B, L] analytic KL(q || p) per group (zeros when sampling or deterministic)
     log_q: torch.Tensor  # [B] log q(z | x, y) of the drawn z
     log_p: torch.Tensor  # [B] log p(z | x) of the drawn z
+    priors: list[Normal]  # p(z_l | z_<l, x) of every group, top first
+
+    @property
+    def prior_sigma(self) -> torch.Tensor:
+        """``[B]`` mean sigma of the prior over all latent dimensions (each group weighted by its
+        size); computed on request, so training pays nothing for it."""
+        total = sum(p.sigma.flatten(1).sum(1) for p in self.priors)
+        return total / sum(p.sigma[0].numel() for p in self.priors)
 
 
 class FusionVAE(nn.Module):
@@ -66,6 +78,7 @@ class FusionVAE(nn.Module):
         dec_expand: int = 6,
         post_expand: int = 3,
         aggregation: str = "max",
+        aggregation_level: str = "features",
         skip: str = "none",
         res_dist: bool = False,
         stochastic: bool = True,
@@ -89,6 +102,7 @@ class FusionVAE(nn.Module):
             num_postprocess_cells=num_postprocess_cells,
         )
         self.aggregation = check_aggregation(aggregation)
+        self.aggregation_level = check_aggregation_level(aggregation_level, aggregation)
         self.channels, self.skip, self.res_dist, self.stochastic = channels, skip, res_dist, stochastic
         self.z_ch = num_latent_per_group
         self.activation_checkpointing = activation_checkpointing  # recompute cell activations in backward
@@ -142,7 +156,8 @@ class FusionVAE(nn.Module):
                 if scale > 0 or g > 0:
                     cells += [decoder_cell(ch, expand=expand, use_se=use_se) for _ in range(cells_per_group)]
                 top = scale == 0 and g == 0  # its K = 0 prior is N(0, I)
-                groups.append(LatentGroup(nn.Sequential(*cells), ch, self.z_ch, top, self.aggregation, self.res_dist))
+                fusion = (self.aggregation, self.aggregation_level, self.res_dist)
+                groups.append(LatentGroup(nn.Sequential(*cells), ch, self.z_ch, top, *fusion))
         self.latent_groups = nn.ModuleList(groups)
         return ch
 
@@ -206,21 +221,30 @@ class FusionVAE(nn.Module):
             slot_feats = None if feat is None else feat.view(b, slots, *feat.shape[1:]).repeat_interleave(repeats, 0)
             s = group(s, slot_feats, k, draw, t, stats, self._cell)
             if self.skip != "none" and slot_feats is not None and k > 0:
-                s = s + aggregate_features(slot_feats[:, :k], self.skip)
+                s = self._add_skips(s, slot_feats[:, :k])
         for cell in self.postprocess:
             s = self._cell(cell, s)
         out = self.image_head(s)
         likelihood = self.likelihood_cls(out, self.channels, self.num_mix)
-        return FusionOutput(likelihood, torch.stack(stats.kl, dim=1), stats.log_q, stats.log_p)
+        return FusionOutput(likelihood, torch.stack(stats.kl, dim=1), stats.log_q, stats.log_p, stats.priors)
+
+    def _add_skips(self, s: torch.Tensor, skips: torch.Tensor) -> torch.Tensor:
+        """The decoder state with the K views' encoder features ``skips [n, K, ch, h, w]`` fused in."""
+        mode, _, add = self.skip.partition("_")
+        if add:
+            return s + pool_features(skips, mode)
+        return pool_features(torch.cat([s.unsqueeze(1), skips], dim=1), mode)
 
 
 class _LatentStats:
-    """Per-item sums that the latent groups add to: KL per group, log q(z) and log p(z)."""
+    """Per-item sums that the latent groups add to: KL per group, log q(z) and log p(z); and the
+    priors."""
 
     def __init__(self, n: int, device: torch.device):
         self.kl: list[torch.Tensor] = []
         self.log_q = torch.zeros(n, device=device)
         self.log_p = torch.zeros(n, device=device)
+        self.priors: list[Normal] = []
 
 
 def _validate(

@@ -49,11 +49,13 @@ def settings_from_dict(cls, values: dict | None, key: str):
 @dataclass
 class Terms:
     """Per-item terms of one batch: ``nll [B]`` = -log p(y|z) in nats over the central pixels,
-    ``kl [B, L]`` = KL(q || p) per latent group (fp32), and the ``target [B, C, H, W]``."""
+    ``kl [B, L]`` = KL(q || p) per latent group (fp32), the ``target [B, C, H, W]`` and, when
+    asked for, the prior's mean sigma ``[B]`` (the fusion diagnostic)."""
 
     nll: torch.Tensor
     kl: torch.Tensor
     target: torch.Tensor
+    prior_sigma: torch.Tensor | None = None
 
     @property
     def nelbo(self) -> torch.Tensor:
@@ -83,11 +85,13 @@ def log_likelihood(likelihood: Likelihood, target: torch.Tensor, crop: int) -> t
     return lp.flatten(1).sum(1)
 
 
-def compute_terms(net, views: torch.Tensor, target: torch.Tensor, crop: int) -> Terms:
-    """One posterior draw through ``net``; the likelihood and KL in fp32 even under autocast."""
+def compute_terms(net, views: torch.Tensor, target: torch.Tensor, crop: int, prior_sigma: bool = False) -> Terms:
+    """One posterior draw through ``net``; the likelihood and KL in fp32 even under autocast
+    (``prior_sigma``: also the prior's mean sigma, for validation)."""
     out = net(views, target)
     with torch.autocast(target.device.type, enabled=False):
-        return Terms(-log_likelihood(out.likelihood, target, crop), out.kl.float(), target)
+        sigma = out.prior_sigma if prior_sigma else None
+        return Terms(-log_likelihood(out.likelihood, target, crop), out.kl.float(), target, sigma)
 
 
 def to_units(nats: torch.Tensor, image_shape: torch.Size, crop: int, bits_per_dim: bool) -> torch.Tensor:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .metrics import IMAGE_METRICS
 
@@ -22,9 +24,12 @@ METRICS = {
     "class_best": "Class best",  # eval.classifier: share of items with a sample of the target's class
     "class_mean": "Class mean",
     "diversity": "Diversity",
+    "kl": "KL",  # the fusion diagnostic: KL(q || p) summed over groups, in the NELBO's units
+    "prior_sigma": "Prior sigma",  # the prior's mean sigma over all latent dimensions
 }
 MODEL_KEYS = (
     "aggregation",
+    "aggregation_level",
     "skip",
     "res_dist",
     "stochastic",
@@ -120,10 +125,41 @@ def markdown_table(
 
 
 def write_csv(rows: list[Mapping], columns: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    """``rows`` as CSV, written to a temporary file and renamed (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_per_item(per_item: Mapping[int, Mapping[str, Any]], path: Path) -> Path:
+    """``per_item.csv``: one row per (item, K) with every metric (``pandas.read_csv(path)``;
+    ``read_per_item`` without pandas). ``item`` is the index in the test set, the same for every K
+    and every model evaluated on that set, so differences can be paired on it."""
+    rows = [
+        {"item": i, "K": int(k), **{name: float(v[i]) for name, v in metrics.items()}}
+        for k, metrics in sorted(per_item.items())
+        for i in range(len(next(iter(metrics.values()), [])))
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, ["item", "K", *metric_columns(rows)], path)
+    return path
+
+
+def read_per_item(path: Path) -> dict[int, dict[str, list[float]]]:
+    """``per_item.csv`` back as ``{K: {metric: [value per item, in item order]}}``."""
+    out: dict[int, dict[str, list[float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            k, item = int(row.pop("K")), int(row.pop("item"))
+            for name, value in row.items():
+                values = out.setdefault(k, {}).setdefault(name, [])
+                if len(values) != item:
+                    raise ValueError(f"{path}: item {item} of K={k} is out of order (expected {len(values)})")
+                values.append(float(value))
+    return out
 
 
 def headers_for(units: str | None) -> dict[str, str]:
@@ -236,7 +272,11 @@ def _facts(info: Mapping) -> str:
         facts.append(f"{info['items']} test items")
     if model:
         facts.append(
-            ", ".join(f"{k}={model[k]}" for k in ("aggregation", "skip", "res_dist", "stochastic") if k in model)
+            ", ".join(
+                f"{k}={model[k]}"
+                for k in ("aggregation", "aggregation_level", "skip", "res_dist", "stochastic")
+                if k in model
+            )
         )
     if eval_cfg:
         facts.append(

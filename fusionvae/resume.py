@@ -71,6 +71,21 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+# Checkpoints written before ``model.aggregation_level`` existed (hyperparameters without it) were
+# trained with the view heads before aggregation and with skips added to the decoder state: load
+# them as what they are, not with today's defaults
+_LEGACY_SKIP = {"max": "max_add", "mean": "mean_add"}
+
+
+def legacy_overrides(hparams: Any) -> dict:
+    """Network settings to give a checkpoint written before they existed, so it loads, evaluates
+    and resumes exactly as it was trained (``{}`` for a current checkpoint)."""
+    if "aggregation_level" in hparams:
+        return {}
+    skip = hparams.get("skip", "none")
+    return {"aggregation_level": "params", "skip": _LEGACY_SKIP.get(skip, skip)}
+
+
 def _image_spec(channels: Any, size: Any, k_max: Any) -> str:
     return f"{channels}x{size}x{size} images (CxHxW) with k_max={k_max}"
 
@@ -95,6 +110,7 @@ def check_dataset(hparams: Any, dataset: DictConfig, path: str | Path) -> None:
 def check_model(hparams: Any, model: DictConfig, path: str | Path) -> None:
     """Refuse to resume into a different architecture (the weights would not fit)."""
     wanted = OmegaConf.to_container(model, resolve=True)
+    hparams = {**hparams, **legacy_overrides(hparams)}
     diffs = [
         f"model.{k}: checkpoint {hparams[k]!r}, config {v!r}"
         for k, v in wanted.items()

@@ -1,13 +1,15 @@
 """Reproduce the FusionMNIST comparison and ablation and publish them as docs/results.md.
 
-    FUSIONVAE_DATA_DIR=../shared/data python scripts/reproduce.py mnist                # CPU budget: 77 min on 2 cores
+    FUSIONVAE_DATA_DIR=/path/to/data python scripts/reproduce.py mnist               # CPU budget (README: time)
     FUSIONVAE_DATA_DIR=... python scripts/reproduce.py mnist --budget paper --jobs 1   # the paper's settings (GPUs)
 
-Trains every run of ``RUNS`` with ``train.py`` (FusionVAE, the CVAE and FCN baselines, and the
-aggregation ablation), evaluates each with ``evaluate.py`` on the first ``eval_items`` test items
-(with the digit classifier of ``fusionvae.classifier``, trained once and cached) and writes the
-page (``scripts/results_page.py``). Runs live in ``<log_dir>/reproduce/<budget>/``; a finished run
-is not redone, an interrupted one resumes from its last.ckpt, so rerunning the command continues.
+Trains every model of the budget (``Budget.seeds``: FusionVAE at both aggregation levels, the CVAE
+and FCN baselines; ``--runs`` adds the ablation) once per seed with ``train.py`` (``seed=<s>``:
+initialisation, data order, corruption and K draws all change), evaluates each run with
+``evaluate.py`` on the same first ``eval_items`` test items (with the digit classifier of
+``fusionvae.classifier``, trained once and cached) and writes the page (``scripts/results_page.py``).
+Runs live in ``<log_dir>/reproduce/<budget>/`` as ``<model>_s<seed>``; a finished run is not
+redone, an interrupted one resumes from its last.ckpt, so rerunning the command continues.
 """
 
 from __future__ import annotations
@@ -44,23 +46,24 @@ class Budget:
     classifier_items: int | None = None  # None: all 60,000 training digits
     jobs: int = 2  # runs in parallel (each with cpu_count / jobs threads)
     note: str = ""
+    seeds: tuple[tuple[str, int], ...] = (("fusionvae", 3), ("fusionvae_params", 3), ("cvae", 2), ("fcn", 2))
 
 
 BUDGETS = {
     "cpu": Budget(
         (
             "trainer=cpu",
-            "+trainer.max_steps=1000",
+            "+trainer.max_steps=600",
             "dataset.batch_size=64",
             "trainer.limit_val_batches=4",
             "dataset.num_workers=0",
         ),
-        eval_items=512,
+        eval_items=256,
         eval_batch=32,
         iw_samples=20,
         num_samples=10,
         classifier_epochs=2,
-        note="1,000 steps of batch 64 (1.07 epochs) per model on the CPU",
+        note="600 steps of batch 64 (0.64 epochs) per run on the CPU",
     ),
     "paper": Budget(
         ("experiment=mnist_paper",),
@@ -90,18 +93,23 @@ BUDGETS = {
         classifier_items=512,
         jobs=1,
         note="a few steps of the tiny model: checks the pipeline",
+        seeds=(("fusionvae", 2), ("fusionvae_params", 1), ("fcn", 1)),
     ),
 }
 
-# name -> (table, train.py overrides): "comparison" rows are the paper's models, "ablation" rows
-# FusionVAE with each aggregation (its max row is the comparison's FusionVAE run)
+# model -> (table, train.py overrides): "comparison" rows are the paper's models and FusionVAE at
+# the params level, "ablation" rows FusionVAE with each aggregation (its max rows are the
+# comparison's FusionVAE runs); each is trained once per seed
+PARAMS = "model.aggregation_level=params"
 RUNS = {
     "fusionvae": ("comparison", ("model=fusionvae",)),
+    "fusionvae_params": ("comparison", ("model=fusionvae", PARAMS)),
     "cvae": ("comparison", ("model=cvae",)),
     "fcn": ("comparison", ("model=fcn",)),
     "fusionvae_mean": ("ablation", ("model=fusionvae", "model.aggregation=mean")),
-    "fusionvae_bayes": ("ablation", ("model=fusionvae", "model.aggregation=bayes")),
-    "fusionvae_bayes_official": ("ablation", ("model=fusionvae", "model.aggregation=bayes_official")),
+    "fusionvae_mean_params": ("ablation", ("model=fusionvae", "model.aggregation=mean", PARAMS)),
+    "fusionvae_bayes": ("ablation", ("model=fusionvae", "model.aggregation=bayes", PARAMS)),
+    "fusionvae_bayes_official": ("ablation", ("model=fusionvae", "model.aggregation=bayes_official", PARAMS)),
 }
 SKIP_RUNS = {f"{name}_skip": ("skips", (f"model={name}_skip",)) for name in ("cvae", "fcn")}
 QUIET = (
@@ -115,11 +123,16 @@ QUIET = (
 
 @dataclass
 class Run:
-    name: str
+    model: str  # a key of RUNS / SKIP_RUNS
+    seed: int
     table: str
     overrides: tuple[str, ...]
     seconds: dict = field(default_factory=dict)  # train / eval wall time (this invocation or the one that made it)
     made: bool = False  # trained or evaluated by this invocation
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_s{self.seed}"
 
 
 def run_step(cmd: list[str], log: Path, env: dict) -> float:
@@ -151,6 +164,7 @@ def train_and_evaluate(run: Run, budget: Budget, work: Path, classifier: Path, e
         "train.py",
         *budget.train,
         *run.overrides,
+        f"seed={run.seed}",
         *QUIET,
         *resume,
         f"task_name=reproduce_{run.name}",
@@ -185,7 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="more train.py overrides for every run, e.g. trainer.devices=1")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     parser.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: the budget's)")
-    parser.add_argument("--runs", default=None, help="comma-separated run names (default: all of RUNS)")
+    parser.add_argument("--runs", default=None, help="comma-separated models (default: the budget's, see Budget.seeds)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per model (default: the budget's)")
     parser.add_argument("--skips", action="store_true", help="also the CVAE / FCN skip-connection variants")
     parser.add_argument("--eval-items", type=int, default=None, help="test items evaluated (default: the budget's)")
     parser.add_argument("--iw-samples", type=int, default=None, help="S of the IW-NLL (default: the budget's)")
@@ -206,12 +221,14 @@ def chosen(args: argparse.Namespace) -> tuple[Budget, list[Run]]:
     )
     if budget.eval_items % budget.eval_batch:
         raise SystemExit(f"--eval-items must be a multiple of {budget.eval_batch} (the evaluation batch)")
-    known = {**RUNS, **SKIP_RUNS}
-    names = args.runs.split(",") if args.runs else [*RUNS, *(SKIP_RUNS if args.skips else {})]
+    known, seeds = {**RUNS, **SKIP_RUNS}, dict(budget.seeds)
+    names = args.runs.split(",") if args.runs else [*seeds, *(SKIP_RUNS if args.skips else {})]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return budget, [Run(n, *known[n]) for n in names]
+    count = {n: args.seeds or seeds.get(n, min(seeds.values())) for n in names}
+    # seed-major: an interrupted page has every model at its first seeds
+    return budget, [Run(n, seed, *known[n]) for seed in range(max(count.values())) for n in names if seed < count[n]]
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fusionvae.aggregation import AGGREGATIONS, aggregate_features, aggregate_params, check_aggregation
+from fusionvae.aggregation import AGGREGATIONS, pool_features, aggregate_params, check_aggregation
 from fusionvae.distributions import Normal
 
 
@@ -37,8 +37,8 @@ def test_permutation_invariant_for_any_k(mode, k):
 
 def test_skip_features_fuse_by_max_or_mean():
     x = torch.tensor([[1.0, -2.0], [3.0, 4.0]]).view(1, 2, 2, 1, 1)
-    assert aggregate_features(x, "max").flatten().tolist() == [3.0, 4.0]
-    assert aggregate_features(x, "mean").flatten().tolist() == [2.0, 1.0]
+    assert pool_features(x, "max").flatten().tolist() == [3.0, 4.0]
+    assert pool_features(x, "mean").flatten().tolist() == [2.0, 1.0]
 
 
 def test_the_registry_is_what_the_config_accepts():
@@ -130,9 +130,9 @@ def test_bayes_official_with_several_latent_channels():
 
 
 @pytest.mark.parametrize("mode", ["max", "mean"])
-def test_aggregate_features_values(mode):
+def test_pool_features_values(mode):
     x = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 0.5]]).view(1, 3, 2, 1, 1)  # [B, K=3, C=2, 1, 1]
-    out = aggregate_features(x, mode)
+    out = pool_features(x, mode)
     expected = {"max": [3.0, 4.0], "mean": [1.0, 2.5 / 3]}[mode]
     assert out.shape == (1, 2, 1, 1)
     torch.testing.assert_close(out.view(-1), torch.tensor(expected))

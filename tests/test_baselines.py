@@ -66,13 +66,17 @@ def test_fcn_has_no_kl_and_the_skip_changes_the_output():
         "model.aggregation=mean",
         "model.aggregation=bayes",
         "model.aggregation=bayes_official",
+        "model.aggregation_level=params",
         "model.res_dist=true",
         "model.skip=max",
         "model.skip=mean",
+        "model.skip=max_add",
+        "model.skip=mean_add",
     ],
 )
 def test_ablation_switches_build_and_run(override):
-    module = instantiate(compose_cfg("train", [*TINY, override]).model).eval()
+    level = ["model.aggregation_level=params"] if "bayes" in override else []  # they combine distributions
+    module = instantiate(compose_cfg("train", [*TINY, *level, override]).model).eval()
     key, value = override.split("=")
     assert str(getattr(module.net, key.split(".")[1])).lower() == value
     with torch.no_grad():
@@ -89,6 +93,7 @@ def test_sweep_recipes():
     assert dict(cmp.hydra.sweeper.params) == {"model": "fusionvae,cvae,fcn", "model.skip": "none,max"}
     assert dict(abl.hydra.sweeper.params) == {
         "model": "fusionvae",
+        "model.aggregation_level": "params",
         "model.aggregation": "max,mean,bayes,bayes_official",
         "model.res_dist": "false,true",
     }

@@ -17,7 +17,8 @@ from tests.test_objective_values import ForwardRng, replaying
 
 VIEWS = 3
 SETTINGS = EvalSettings(iw_samples=3, iw_chunk=2, num_samples=2, grid_images=0)
-NAMES = ("nelbo", "iw_nll", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best", "ssim_mean", "diversity")
+NAMES = ("nelbo", "iw_nll", "kl", "prior_sigma", "mse_best", "mse_mean", "psnr_best", "psnr_mean", "ssim_best",
+         "ssim_mean", "diversity")  # fmt: skip
 
 
 def model(**kw) -> FusionVAEModule:
@@ -84,6 +85,9 @@ def test_metrics_are_item_weighted_means_over_unequal_batches():
     nelbo = values["nelbo_k3"]
     assert abs(nelbo[:3].mean() - nelbo[3:].mean()) / 10 > 1e-5 * nelbo.mean()
     check_results(evaluator.results, values)
+    for key, v in values.items():  # per item, in item order: what per_item.csv holds
+        name, k = key.rsplit("_k", 1)
+        assert torch.equal(evaluator.per_item[int(k)][name], v), key
     se = evaluator.stderr[3]["nelbo"]  # standard error over the 5 items
     assert se == pytest.approx(nelbo.std().item() / 5**0.5, rel=1e-6)
     for key, value in flat(evaluator.results).items():  # and that is what the loggers got
@@ -106,6 +110,7 @@ def test_rank_totals_are_summed_before_dividing():
     main._trainer = types.SimpleNamespace(world_size=2)
     main.all_gather = lambda totals: torch.stack([totals, other])
     main.log_dict = lambda metrics, **kw: logged.update(metrics)
+    main._gather_items = dict  # 3 + 2 items cannot be stacked; test_per_item_gather_restores_item_order
     main.on_test_epoch_end()
     check_results(main.results, per_item(m, batches, forwards.states))
     assert set(logged) == set(flat(main.results))
@@ -140,3 +145,13 @@ def test_two_process_gloo_gather_gives_the_single_process_means(tmp_path):
     check_results(results, values)
     # rank 0 alone (items 0, 2, 4) would give another value: the totals were really gathered
     assert results[3]["nelbo"] != pytest.approx(values["nelbo_k3"][::2].mean().item(), rel=1e-6)
+
+
+def test_per_item_gather_restores_item_order():
+    """Lightning's test sampler deals item i to rank i % 2: rank 0 holds items 0, 2, 4 and rank 1
+    items 1, 3, 5; the gathered values come back in item order, on the CPU."""
+    e = Evaluator(model(), SETTINGS)
+    e._values = {2: {"nelbo": [torch.tensor([0.0, 2.0]), torch.tensor([4.0])]}}
+    e._trainer = types.SimpleNamespace(world_size=2)
+    e.all_gather = lambda values: torch.stack([values, values + 1])
+    assert e._gather_items()[2]["nelbo"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
