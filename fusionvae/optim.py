@@ -7,7 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import BadInputError
 from .objective import settings_from_dict
+
+# (setting, a value the optimiser can use, the bound in words): checked up front because a bad
+# one trains silently wrong (lr <= 0 walks uphill) or fails only after the data is prepared
+_BOUNDS = (
+    ("lr", lambda v: v > 0, "> 0"),
+    ("lr_min", lambda v: v >= 0, ">= 0"),
+    ("eps", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,16 @@ class OptimSettings:
     eps: float = 1e-3
     weight_decay: float = 3e-4
     warmup_epochs: float = 5  # linear warm-up, converted to steps
+
+    def __post_init__(self) -> None:
+        for name, ok, bound in _BOUNDS:
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and ok(value)):
+                raise BadInputError(
+                    f"model.optim.{name} must be a finite number {bound}, got {value!r} "
+                    f"(the default is model.optim.{name}={getattr(type(self), name)})"
+                )
 
     @classmethod
     def from_dict(cls, values: dict | None, key: str = "model.optim") -> OptimSettings:

@@ -97,3 +97,33 @@ def test_build_optimizer_warmup_length(warmup_epochs, total_steps, epochs, first
     settings = OptimSettings(lr=LR, lr_min=LR_MIN, warmup_epochs=warmup_epochs)
     result = build_optimizer([_param()], settings, total_steps=total_steps, epochs=epochs)
     assert result["optimizer"].param_groups[0]["lr"] == pytest.approx(first_lr, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": -1e-2}, "model.optim.lr must be a finite number > 0, got -0.01 (the default is model.optim.lr=0.01)"),
+        ({"lr": 0}, "model.optim.lr must be a finite number > 0, got 0 (the default is model.optim.lr=0.01)"),
+        ({"lr": math.nan}, "model.optim.lr must be a finite number > 0, got nan (the default is model.optim.lr=0.01)"),
+        ({"lr": "abc"}, "model.optim.lr must be a finite number > 0, got 'abc' (the default is model.optim.lr=0.01)"),
+        (
+            {"lr_min": -1},
+            "model.optim.lr_min must be a finite number >= 0, got -1 (the default is model.optim.lr_min=0.0001)",
+        ),
+        (
+            {"lr_min": math.inf},
+            "model.optim.lr_min must be a finite number >= 0, got inf (the default is model.optim.lr_min=0.0001)",
+        ),
+        ({"eps": 0}, "model.optim.eps must be a finite number > 0, got 0 (the default is model.optim.eps=0.001)"),
+    ],
+)
+def test_optim_settings_refuse_a_rate_the_optimiser_cannot_use(values, message):
+    from fusionvae.errors import BadInputError
+
+    with pytest.raises(BadInputError) as info:
+        OptimSettings.from_dict(values)
+    assert str(info.value) == message
+
+
+def test_optim_settings_accept_a_schedule_to_zero_and_no_warmup():
+    assert OptimSettings.from_dict({"lr_min": 0, "warmup_epochs": 0, "weight_decay": 0}).lr_min == 0
