@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fusionvae.aggregation import AGGREGATIONS, pool_features, aggregate_params, check_aggregation
+from fusionvae.aggregation import AGGREGATIONS, aggregate_params, check_aggregation, pool_features
 from fusionvae.distributions import Normal
 
 
