@@ -4,8 +4,9 @@
 Official format (differs from ``lmdb_store``): an LMDB folder (``data.mdb``) whose keys are
 ``str(i).encode()`` for i = 0..n-1 (no zero padding, no metadata record); each value is one PNG.
 Validation records hold 4 square tiles side by side, ``[view 1, view 2, view 3, target]`` (a 64x256
-PNG). The count is read from the data (``env.stat()["entries"]``); keys "0" and "<n-1>" must exist
-up front, any other missing key raises while reading.
+PNG). The count is read from the data (``env.stat()["entries"]``); keys "0" and "<n-1>" are checked
+when a reader opens, and ``prepare_data`` checks every key (a cursor over the keys only) and decodes
+every validation record before training.
 
 - FusionCelebA (``create_fusion_celeba_lmdb.py``): ``train.lmdb`` (one 64x64 face per record; a
   record of several tiles yields its LAST tile, the target) and ``valid.lmdb``. The PNGs were
@@ -69,7 +70,8 @@ def read_faces(reader: OfficialLMDB, indices: list[int]) -> torch.Tensor:
 
 class _OfficialDataModule(FusionDataModule):
     """Opens the official LMDBs in ``prepare_data`` / ``setup`` (cheap: counts, keys, record 0) so a
-    wrong folder or format fails before any heavy work; ``lmdbs`` maps role -> (folder, reader kwargs)."""
+    wrong folder or format fails before any heavy work, then ``prepare_data`` scans every key and
+    decodes the validation records; ``lmdbs`` maps role -> (folder, reader kwargs)."""
 
     dataset_name = ""
     source = ""  # where users get the LMDBs
@@ -85,6 +87,7 @@ class _OfficialDataModule(FusionDataModule):
         self.official_dir = resolve(official_dir)
         self.reverse_channels = reverse_channels
         self._official: dict[str, OfficialLMDB] = {}
+        self._scanned = False  # every key and validation record checked (prepare_data, once)
 
     def _hint(self) -> str:
         names = ", ".join(f"{folder}/" for folder, _ in self.lmdbs.values())
@@ -121,8 +124,15 @@ class _OfficialDataModule(FusionDataModule):
                 raise ValueError(f"{reader.path} stores grey images (PNG mode {reader.mode}): set dataset.channels=1")
 
     def prepare_data(self) -> None:
-        """Nothing to build: check folders, counts and formats up front (rank zero)."""
-        self.readers()
+        """Nothing to build: check folders, counts and formats, every key of every LMDB and every
+        validation record (rank zero, before training; a gap or a damaged record would otherwise
+        stop the run mid-epoch or at the first full validation)."""
+        readers = self.readers()
+        if not self._scanned:
+            for reader in readers.values():
+                reader.check_keys()
+            readers["valid"].check_records()
+            self._scanned = True
 
 
 class FusionCelebAOfficialDataModule(_OfficialDataModule):

@@ -19,6 +19,7 @@ FORMATS = {
     "RGB": "RGB on black (alpha = any channel > 0)",
     "RGBA": "RGBA (alpha channel)",
 }
+REPLACE = "copy it again from the official download (or re-create it) into dataset.official_dir"  # the fix
 
 
 def decode_png(data: bytes, reverse_channels: bool) -> tuple[np.ndarray, str]:
@@ -89,7 +90,7 @@ class OfficialLMDB:
         return (
             f"official LMDB {self.path}: key {key.decode()!r} is missing; records must be stored under "
             f"keys '0'..'{self.count - 1}' ({self.count} entries, no other keys): the LMDB is incomplete "
-            f"or not an official FusionVAE LMDB"
+            f"or not an official FusionVAE LMDB; {REPLACE}"
         )
 
     def _decode(self, key: bytes, data: Any) -> tuple[np.ndarray, str]:
@@ -110,9 +111,31 @@ class OfficialLMDB:
         except Exception as exc:  # PIL raises several types for junk bytes
             raise LMDBRecordError(
                 f"official LMDB {self.path}: record key {key.decode()!r} cannot be decoded "
-                f"({exc}); the LMDB is damaged or not an official FusionVAE LMDB"
+                f"({exc}); the LMDB is damaged or not an official FusionVAE LMDB; {REPLACE}"
             ) from exc
         return stack, mode
+
+    def check_keys(self) -> None:
+        """Every key '0'..'<n-1>' is there: a cursor over the keys only (no value is read, cheap also
+        for CelebA's 162,770 records), so a gap fails before training, not when a batch reaches it."""
+        seen = np.zeros(self.count, dtype=bool)
+        with open_env(str(self.path)).begin() as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                if key.isdigit() and key == str(int(key)).encode() and int(key) < self.count:
+                    seen[int(key)] = True
+        if not seen.all():
+            raise LMDBRecordError(self._missing(str(int(np.argmin(seen))).encode()))
+
+    def check_records(self) -> None:
+        """Decode every record: for the validation LMDBs (644 / 19,867 records), so a damaged one
+        fails before training, not at the first full validation."""
+        with open_env(str(self.path)).begin(buffers=True) as txn:
+            for index in range(self.count):
+                key = str(index).encode()
+                data = txn.get(key)
+                if data is None:
+                    raise LMDBRecordError(self._missing(key))
+                self._decode(key, data)
 
     def get_many(self, indices: Any) -> np.ndarray:
         """uint8 ``[B, tiles, H, W, C]`` of the given records, read in one transaction."""

@@ -155,6 +155,36 @@ def test_undecodable_record(celeba, tmp_path: Path) -> None:
         OfficialLMDB(bad0, tiles=4)
 
 
+def _edited_root(root: Path, dst: Path, name: str, edit) -> Path:
+    """A copy of the official folder ``root`` with ``edit(txn)`` applied to its LMDB ``name``."""
+    shutil.copytree(root, dst, ignore=shutil.ignore_patterns(name))
+    _copy_lmdb(root / name, dst / name, edit)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "dataset, name, edit, problem",
+    [
+        ("celeba", CELEBA_NAMES["train"], lambda txn: txn.delete(b"5"), "key '5' is missing; records must be"),
+        ("celeba", CELEBA_NAMES["valid"], lambda txn: txn.put(b"3", b"not a png"), "record key '3' cannot be decoded"),
+        ("tless", TLESS_NAMES["objects"], lambda txn: txn.delete(b"4"), "key '4' is missing; records must be"),
+        ("tless", TLESS_NAMES["valid"], lambda txn: txn.put(b"2", b"\x89PNG junk"), "record key '2' cannot be decoded"),
+    ],
+)
+def test_prepare_data_finds_a_middle_gap_or_a_damaged_validation_record(
+    celeba, tless, tmp_path: Path, dataset: str, name: str, edit, problem: str
+) -> None:
+    """Opening checks keys '0' and '<n-1>' only: a middle key or a damaged validation record would
+    stop the run mid-epoch or at the first full validation; prepare_data finds them before training."""
+    root = _edited_root((celeba if dataset == "celeba" else tless)[0], tmp_path / "official", name, edit)
+    dm = (FusionCelebAOfficialDataModule if dataset == "celeba" else FusionTLessOfficialDataModule)(str(root), **LOADER)
+    with pytest.raises(LMDBRecordError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert message.startswith(f"official LMDB {root / name}: {problem}") and "\n" not in message
+    assert message.endswith("; copy it again from the official download (or re-create it) into dataset.official_dir")
+
+
 # ----------------------------------------------------------------------------- datamodules
 
 
