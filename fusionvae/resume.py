@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint_io import verify_checksum
 from .errors import CheckpointError, CheckpointNotFoundError
 from .network import FusionVAE
 
@@ -51,13 +52,15 @@ def resolve_ckpt_path(value: Any, log_dir: str | Path, task_name: str) -> Path |
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict (tensors memory-mapped, not read); one-line errors if missing or damaged."""
+    """The checkpoint dict (tensors memory-mapped), checked against its checksum and for finite
+    weights; one-line errors if missing or damaged (before any data is prepared)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"checkpoint not found: {path} (set ckpt_path=<run dir>/checkpoints/last.ckpt, "
             f"or ckpt_path=last for the newest run)"
         )
+    verify_checksum(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, junk bytes, foreign pickles: many types
@@ -66,9 +69,43 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint {path} cannot be read ({reason}): it is damaged or not a PyTorch "
             f"checkpoint; use another one (e.g. an epoch*.ckpt beside it)"
         ) from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
-        raise CheckpointError(f"{path} is not a FusionVAE training checkpoint (no state_dict / hyper_parameters)")
+    missing = [k for k in ("state_dict", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {' / '.join(missing)}: it is not a FusionVAE training checkpoint; "
+            f"use one written by train.py (<run dir>/checkpoints/*.ckpt)"
+        )
+    check_finite(ckpt["state_dict"], "state_dict", path)
     return ckpt
+
+
+def check_resumable(ckpt: dict, path: str | Path) -> None:
+    """Refuse to resume a checkpoint without a usable optimiser state (Lightning would fail with a
+    traceback, or a NaN moment would skip every step)."""
+    if not ckpt.get("optimizer_states"):
+        raise CheckpointError(
+            f"checkpoint {path} holds no optimizer_states (saved with weights only): it can be evaluated, "
+            f"not resumed; resume from a last.ckpt or epoch*.ckpt written by train.py, or train anew without ckpt_path"
+        )
+    check_finite(ckpt["optimizer_states"], "optimizer_states", path)
+
+
+def check_finite(tree: Any, name: str, path: str | Path) -> None:
+    """Refuse NaN / inf in the floating-point tensors of ``tree`` (a diverged run saved, or damage):
+    evaluating them runs the whole test loop for nothing, resuming them skips every step."""
+    bad = _nonfinite(tree, name)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}): the run diverged "
+            f"before it was saved, or the file is damaged; use an earlier checkpoint (e.g. an epoch*.ckpt beside it)"
+        )
+
+
+def _nonfinite(tree: Any, name: str) -> list[str]:
+    if torch.is_tensor(tree):
+        return [name] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [bad for key, value in items for bad in _nonfinite(value, f"{name}.{key}")]
 
 
 # Checkpoints written before ``model.aggregation_level`` existed (hyperparameters without it) were
@@ -111,17 +148,15 @@ def check_model(hparams: Any, model: DictConfig, path: str | Path) -> None:
     """Refuse to resume into a different architecture (the weights would not fit)."""
     wanted = OmegaConf.to_container(model, resolve=True)
     hparams = {**hparams, **legacy_overrides(hparams)}
-    diffs = [
-        f"model.{k}: checkpoint {hparams[k]!r}, config {v!r}"
-        for k, v in wanted.items()
-        if k not in _NOT_ARCHITECTURE and k in hparams and hparams[k] != v
-    ]
-    if diffs:
+    differ = [k for k, v in wanted.items() if k not in _NOT_ARCHITECTURE and k in hparams and hparams[k] != v]
+    if differ:
+        diffs = "; ".join(f"model.{k}: checkpoint {hparams[k]!r}, config {wanted[k]!r}" for k in differ)
+        fix = " ".join(f"model.{k}={hparams[k]}" for k in differ)
         run = run_dir_of(Path(path))
         where = f" (see {run}/.hydra/overrides.yaml)" if run else ""
         raise CheckpointError(
-            f"checkpoint {path} has another model than the config ({'; '.join(diffs)}): "
-            f"resume with the overrides of the original run{where}"
+            f"checkpoint {path} has another model than the config ({diffs}): "
+            f"resume with the overrides of the original run{where}, here: {fix}"
         )
 
 

@@ -283,5 +283,12 @@ def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
     assert "| K | NELBO (nats) | IW-NLL (nats) |" in md and md.count("\n| ") == 5 and " ± " in md
     assert (out / "metrics_vs_k.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"grid_k{k}.png" for k in range(4)]
+    per_item = list(csv.DictReader(open(out / "per_item.csv")))  # one row per (item, K), loadable in one line
+    assert len(per_item) == 4 * 8 and [(r["K"], r["item"]) for r in per_item[:2]] == [("0", "0"), ("0", "1")]
+    for k in range(4):
+        rows_k = [r for r in per_item if r["K"] == str(k)]
+        assert [int(r["item"]) for r in rows_k] == list(range(8))
+        for name in ("iw_nll", "kl", "prior_sigma", "ssim_best"):
+            assert sum(float(r[name]) for r in rows_k) / 8 == pytest.approx(results[k][name], rel=1e-6)
     logged = (out / "csv" / "version_0" / "metrics.csv").read_text()  # the loggers got the metrics too
     assert "eval/iw_nll_k3" in logged and "eval/ssim_best_k0" in logged

@@ -1,0 +1,81 @@
+"""Checkpoints written before ``model.aggregation_level`` (tests/legacy_checkpoints, made at commit 1f31b6e
+by its make_legacy.py) load as what they were trained as (the ``params`` level; skips ``max`` as
+``max_add``) and compute what that code computed; resuming one asks for the override in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+
+from fusionvae.errors import CheckpointError
+from fusionvae.evaluation import EvalSettings, evaluate_batch, load_model, run_evaluation
+from fusionvae.objective import split_views
+from fusionvae.resume import check_model, legacy_overrides, read_checkpoint
+
+LEGACY = Path(__file__).resolve().parent / "legacy_checkpoints"
+NUMBERS = json.loads((LEGACY / "numbers.json").read_text())
+SETTINGS = EvalSettings(iw_samples=3, iw_chunk=3, num_samples=2, grid_images=0)  # as make_legacy.py
+
+
+def inputs() -> torch.Tensor:
+    return torch.rand(4, 4, 1, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize(("name", "skip"), [("fusionvae_max", "none"), ("cvae_skip_max", "max_add")])
+def test_legacy_checkpoint_loads_and_computes_what_it_did(name, skip):
+    module = load_model(str(LEGACY / f"{name}.ckpt")).eval()
+    assert (module.hparams.aggregation_level, module.hparams.skip) == ("params", skip)
+    assert (module.net.aggregation_level, module.net.skip) == ("params", skip)
+    for k, old in NUMBERS[name].items():
+        views, target = split_views(inputs(), int(k))
+        torch.manual_seed(11)
+        with torch.no_grad():
+            out = module.net(views, target)
+            mean_image = module.net(views, None, t=0.0).likelihood.mean()
+        torch.testing.assert_close(out.kl.sum(1), torch.tensor(old["kl"]), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out.log_q, torch.tensor(old["log_q"]), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out.log_p, torch.tensor(old["log_p"]), rtol=1e-5, atol=1e-4)
+        assert float(mean_image.double().sum()) == pytest.approx(old["mean_image_sum"], rel=1e-6)
+        torch.manual_seed(13)
+        metrics = evaluate_batch(module, inputs(), int(k), SETTINGS)
+        for metric, values in old["metrics"].items():
+            torch.testing.assert_close(metrics[metric].double(), torch.tensor(values).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_as_features_the_same_weights_compute_something_else():
+    """The override matters: the max-aggregation checkpoint read at today's default level differs at K >= 2."""
+    module = load_model(str(LEGACY / "fusionvae_max.ckpt")).eval()
+    module.net.latent_groups.apply(lambda m: setattr(m, "level", "features") if hasattr(m, "level") else None)
+    views, target = split_views(inputs(), 3)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        kl = module.net(views, target).kl.sum(1)
+    assert not torch.allclose(kl, torch.tensor(NUMBERS["fusionvae_max"]["3"]["kl"]), rtol=1e-3)
+
+
+def test_legacy_checkpoint_evaluates_end_to_end(data_dir, tmp_path):
+    cfg = compose_cfg("evaluate", [*[o for o in TINY if o.startswith("dataset.")], f"paths.data_dir={data_dir}",
+                                   f"paths.output_dir={tmp_path}", f"ckpt_path={LEGACY / 'cvae_skip_max.ckpt'}",
+                                   "trainer.limit_test_batches=1", "eval.iw_samples=2", "eval.num_samples=2",
+                                   "eval.grid_images=2"])  # fmt: skip
+    results = run_evaluation(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(results) == [0, 1, 2, 3] and saved["model"]["aggregation_level"] == "params"
+    assert saved["model"]["skip"] == "max_add" and (tmp_path / "per_item.csv").is_file()
+
+
+def test_resuming_a_legacy_checkpoint_names_the_override():
+    hparams = read_checkpoint(LEGACY / "fusionvae_max.ckpt")["hyper_parameters"]
+    assert legacy_overrides(hparams) == {"aggregation_level": "params", "skip": "none"}
+    model = compose_cfg("train", [*TINY, "model.num_mix=3", "model.crop=2"]).model
+    with pytest.raises(
+        CheckpointError,
+        match=r"aggregation_level: checkpoint 'params', config 'features'.*here: model.aggregation_level=params$",
+    ):
+        check_model(hparams, model, LEGACY / "fusionvae_max.ckpt")
+    fixed = compose_cfg("train", [*TINY, "model.aggregation_level=params"]).model
+    check_model(hparams, fixed, LEGACY / "fusionvae_max.ckpt")  # with the override it resumes
