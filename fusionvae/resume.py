@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint_io import verify_checksum
+from .checksums import verify_checksum
 from .errors import CheckpointError, CheckpointNotFoundError
 from .network import FusionVAE
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from .errors import Preempted
 from .instantiate import build, finish
-from .resume import check_dataset, check_model, read_checkpoint, resolve_ckpt_path
+from .resume import check_dataset, check_model, check_resumable, read_checkpoint, resolve_ckpt_path
 from .run_log import log_end, log_start
 
 
@@ -23,6 +23,7 @@ def resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
     check_dataset(ckpt["hyper_parameters"], cfg.dataset, path)
     if "model" in cfg:
         check_model(ckpt["hyper_parameters"], cfg.model, path)
+    check_resumable(ckpt, path)
     return str(path), (ckpt.get("fusionvae") or {}).get("wandb_id")
 
 

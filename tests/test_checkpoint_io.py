@@ -25,7 +25,7 @@ def test_save_creates_missing_parent_folders(tmp_path: Path):
     AtomicCheckpointIO().save_checkpoint({"global_step": 7, "w": torch.arange(3.0)}, path)
     loaded = AtomicCheckpointIO().load_checkpoint(path)
     assert loaded["global_step"] == 7 and torch.equal(loaded["w"], torch.arange(3.0))
-    assert os.listdir(path.parent) == ["epoch001.ckpt"]
+    assert sorted(os.listdir(path.parent)) == ["epoch001.ckpt", "epoch001.ckpt.sha256"]  # no temporary left
 
 
 def test_remove_stale_temps_deletes_dead_and_foreign_writers_only(tmp_path: Path, caplog):

@@ -76,8 +76,8 @@ def test_interrupted_checkpoint_save_keeps_the_previous_file(tmp_path: Path, mon
         io.save_checkpoint(_checkpoint(2.0), last)
     monkeypatch.undo()
     assert last.read_bytes() == good
-    assert os.listdir(last.parent) == ["last.ckpt"]  # no temporary file left behind
-    assert io.load_checkpoint(last)["global_step"] == 1
+    assert sorted(os.listdir(last.parent)) == ["last.ckpt", "last.ckpt.sha256"]  # no temporary file left behind
+    assert io.load_checkpoint(last)["global_step"] == 1  # its checksum still matches it
 
 
 def test_checkpoint_save_replaces_the_file_without_leftovers(tmp_path: Path):
@@ -89,7 +89,7 @@ def test_checkpoint_save_replaces_the_file_without_leftovers(tmp_path: Path):
     loaded = io.load_checkpoint(last)
     assert loaded["global_step"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.full((64, 64), 3.0))
     assert last.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
-    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "last.ckpt.sha256"]
 
 
 def test_training_configs_use_the_atomic_checkpoint_io(tmp_path: Path):
