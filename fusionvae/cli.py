@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .errors import reported
-from .evaluation import run_evaluation
+from .evaluate_job import run_evaluation
 from .launcher import size_launcher
 from .resume import evaluate_on_training_dataset, resume_in_place
 from .training import train

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from .errors import BadInputError, FusionVAEError
-from .evaluation import load_model
+from .evaluate_job import load_model
 from .lit_module import FusionVAEModule
 from .network import FusionVAE
 from .sampling import draw, input_columns, mean_image, render_grid

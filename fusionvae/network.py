@@ -103,12 +103,10 @@ class FusionVAE(nn.Module):
         )
         self.aggregation = check_aggregation(aggregation)
         self.aggregation_level = check_aggregation_level(aggregation_level, aggregation)
-        self.channels, self.skip, self.res_dist, self.stochastic = channels, skip, res_dist, stochastic
-        self.z_ch = num_latent_per_group
-        self.activation_checkpointing = activation_checkpointing  # recompute cell activations in backward
+        self.channels, self.skip, self.z_ch = channels, skip, num_latent_per_group
+        self.res_dist, self.stochastic, self.activation_checkpointing = res_dist, stochastic, activation_checkpointing
         self.likelihood_cls, self.num_mix = LIKELIHOODS[likelihood], num_mix
         self.groups = groups_per_scale(num_latent_scales, num_groups_per_scale, ada_groups, min_groups_per_scale)
-        self.groups_decoder_order = self.groups[::-1]
         ch = self._build_encoder(
             num_channels, num_preprocess_blocks, num_preprocess_cells, num_cell_per_cond_enc, use_se
         )
@@ -120,6 +118,11 @@ class FusionVAE(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         self.register_load_state_dict_pre_hook(legacy_key_map)
+
+    @property
+    def groups_decoder_order(self) -> list[int]:
+        """Groups per scale, coarsest scale (the top of the decoder) first."""
+        return self.groups[::-1]
 
     # ---- construction -------------------------------------------------------------------------
     def _build_encoder(self, ch: int, blocks: int, cells_per_block: int, cells_per_group: int, use_se: bool) -> int:

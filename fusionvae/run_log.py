@@ -36,7 +36,8 @@ def log_start(cfg: DictConfig, trainer, model) -> None:
 
 
 def summary(trainer) -> str:
-    """The best ``val/nelbo``, its checkpoint and the last per-K validation NELBO, as lines."""
+    """The best ``val/nelbo``, its checkpoint and the last per-K validation NELBO and fusion
+    diagnostic (KL to the prior, the prior's mean sigma), as lines."""
     callback = trainer.checkpoint_callback
     lines = []
     if callback is not None and callback.best_model_path:
@@ -47,10 +48,12 @@ def summary(trainer) -> str:
             else f"last checkpoint: {callback.best_model_path}"
         )
     metrics = trainer.callback_metrics
-    per_k = sorted((int(k.rsplit("_k", 1)[1]), float(v)) for k, v in metrics.items() if k.startswith("val/nelbo_k"))
-    if per_k:
-        lines.append("K  " + "  ".join(f"{k:>9d}" for k, _ in per_k))
-        lines.append("val/nelbo  " + "  ".join(f"{v:9.3f}" for _, v in per_k))
+    for i, name in enumerate(("val/nelbo", "val/kl", "val/prior_sigma")):
+        per_k = sorted((int(k.rsplit("_k", 1)[1]), float(v)) for k, v in metrics.items() if k.startswith(f"{name}_k"))
+        if per_k and i == 0:
+            lines.append(f"{'K':<15}" + "  ".join(f"{k:>9d}" for k, _ in per_k))
+        if per_k:
+            lines.append(f"{name:<15}" + "  ".join(f"{v:9.3f}" for _, v in per_k))
     return "\n".join(lines)
 
 

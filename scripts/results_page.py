@@ -3,17 +3,14 @@ budget, hardware, wall time), the verdict rule, paired and seed-aware difference
 models (``scripts/page_stats.py``), the fusion diagnostic, per-K tables over seeds, metric-vs-K plots
 and labelled grids.
 
-The hand-written discussion between the markers of an existing page is kept. Its opening marker
-records what it was written for (budget and the commit that made the runs); a page regenerated for
-other runs gets a visible banner above it, and so does a discussion that cites a number the
-generated sections do not hold (``missing_numbers``)."""
+The hand-written discussion of an existing page is kept, with banners when it was written for other
+runs or cites numbers the tables do not hold (``scripts/page_discussion.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fusionvae.report import headers_for, markdown_table, plot_metrics_vs_k, read_per_item  # noqa: E402
+from scripts.page_discussion import discussion_section, kept_discussion  # noqa: E402
 from scripts.page_stats import VERDICT_RULE, model_difference, over_seeds, view_change  # noqa: E402
 
 LIKELIHOOD = ["nelbo", "iw_nll", "kl", "prior_sigma", "class_best", "class_mean", "diversity"]
@@ -37,10 +35,6 @@ PLOTTED = ["iw_nll", "kl", "prior_sigma", "psnr_best", "ssim_best", "class_best"
 VIEW_STEPS = ((0, 1), (1, 2), (2, 3), (1, 3))
 GRID_KS = (1, 3)
 REFERENCE = "fusionvae"  # the model every other one is compared with
-BEGIN = "<!-- discussion (written for: {stamp}); kept when the page is regenerated -->"
-END = "<!-- end of discussion -->"
-_BEGIN_RE = re.compile(r"<!-- discussion(?: \(written for: (?P<stamp>[^)]*)\))?[^>]*-->")
-NOT_WRITTEN = "_(not written yet)_"
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -212,48 +206,6 @@ def facts_section(runs, facts: dict, data: dict[str, dict]) -> str:
         f"runs (train + eval seconds per run below)\n\n"
         f"| run | overrides | train s | eval s |\n|---|---|---:|---:|\n{per_run}\n"
     )
-
-
-# ---- the discussion -----------------------------------------------------------------------------
-def kept_discussion(page: Path) -> tuple[str, str | None]:
-    """The hand-written discussion of an existing page and the stamp it was written for."""
-    text = page.read_text() if page.is_file() else ""
-    match = _BEGIN_RE.search(text)
-    if not match or END not in text[match.end() :]:
-        return NOT_WRITTEN, None
-    body = text[match.end() : text.index(END, match.end())].strip("\n")
-    return body, match.group("stamp")
-
-
-_NUMBER = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?(?![\w])")
-
-
-def _numbers(text: str) -> set[str]:
-    return {n.lstrip("+-−").replace(",", "") for n in _NUMBER.findall(text)}
-
-
-def missing_numbers(discussion: str, generated: str) -> list[str]:
-    """Numbers the discussion cites (any with a decimal point, and integers of 100 or more) that
-    the generated sections do not print, sign aside: a stale or mistyped citation."""
-    cited = {n for n in _numbers(discussion) if "." in n or int(n) >= 100}
-    return sorted(cited - _numbers(generated), key=lambda n: float(n))
-
-
-def discussion_section(body: str, written_for: str | None, current: str, generated: str) -> str:
-    """The discussion under its marker, with a banner when it was written for other runs or cites
-    numbers the tables do not hold."""
-    banners = []
-    if body != NOT_WRITTEN and written_for != current:
-        banners.append(
-            f"> **Stale discussion:** written for {written_for or 'unrecorded runs'}; the numbers below are "
-            f"for {current}. Read it against the tables, or rewrite it and update its marker."
-        )
-    missing = missing_numbers(body, generated) if body != NOT_WRITTEN else []
-    if missing:
-        banners.append(f"> **The discussion cites numbers the tables do not hold:** {', '.join(missing)}.")
-    stamp_for = current if body == NOT_WRITTEN else written_for or "unrecorded runs"
-    banner = "".join(f"{b}\n\n" for b in banners)
-    return f"\n## Discussion\n\n{banner}{BEGIN.format(stamp=stamp_for)}\n{body}\n{END}\n"
 
 
 # ---- the page -----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 
 from fusionvae.bn_readjust import batchnorm_layers, readjust_bn
 from fusionvae.distributions import Normal
-from fusionvae.evaluation import EvalSettings, evaluate_batch, importance_weighted, run_evaluation
+from fusionvae.evaluate_job import run_evaluation
+from fusionvae.evaluation import EvalSettings, evaluate_batch, importance_weighted
 from fusionvae.lit_module import FusionVAEModule
 from fusionvae.objective import log_likelihood, split_views
 from fusionvae.sampling import draw, fusion_grid
@@ -162,6 +163,8 @@ def test_evaluate_batch_and_samples():
     assert set(out) == {
         "nelbo",
         "iw_nll",
+        "kl",
+        "prior_sigma",
         "mse_best",
         "mse_mean",
         "psnr_best",
@@ -172,6 +175,7 @@ def test_evaluate_batch_and_samples():
     }
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in out.values())
     assert torch.all(out["mse_best"] <= out["mse_mean"]) and torch.all(out["psnr_best"] >= out["psnr_mean"])
+    assert torch.all(out["kl"] >= 0) and torch.all(out["kl"] <= out["nelbo"]) and torch.all(out["prior_sigma"] > 0.01)
     samples = draw(m.net, split_views(batch, 2)[0], 5, t=0.0, decode="mean", chunk=2)
     assert samples.shape == (3, 5, 1, 32, 32)
     torch.testing.assert_close(samples[:, 0], samples[:, 4])  # t = 0, mean images: all alike

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from torchvision.io import read_image
 from torchvision.utils import save_image
 
+import fusionvae.evaluate_job as job
 import fusionvae.evaluation as ev
 from fusionvae.errors import BadInputError, CheckpointError
 from fusionvae.evaluation import EvalSettings, Evaluator
@@ -133,7 +134,7 @@ class Sliceable:
 def test_write_grids_files_layout_and_device(tmp_path, monkeypatch):
     m = tiny().eval()
     out = tmp_path / "a" / "b"
-    assert ev.write_grids(m, [torch.rand(4, 4, 1, 32, 32)], EvalSettings(grid_images=0), out, "cpu") == []
+    assert job.write_grids(m, [torch.rand(4, 4, 1, 32, 32)], EvalSettings(grid_images=0), out, "cpu") == []
     assert not (tmp_path / "a").exists()
     settings = EvalSettings(grid_images=2, temperatures=(0.0, 1.0), grid_samples=2)
     device = torch.device("cpu")
@@ -141,13 +142,15 @@ def test_write_grids_files_layout_and_device(tmp_path, monkeypatch):
     to = m.to
     m.to = lambda d: (moves.append(d), to(d))[1]
     data = (torch.rand(5, 4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    paths = ev.write_grids(m, [Sliceable(data, calls)], settings, out, device)
+    paths = job.write_grids(m, [Sliceable(data, calls)], settings, out, device)
     assert moves == [device] and calls == [(device, torch.float32)]
     assert paths == [out / f"grid_k{k}.png" for k in range(4)]
     img = read_image(str(paths[0]))
     # 3 input slots, target, mean, 2 samples at t = 1: 7 cells of 64 px (+ 2 px padding), 2 rows, 14 px header
     assert img.shape == (3, 14 + 2 * 66 + 2, 7 * 66 + 2)
-    again = ev.write_grids(tiny(k_max=1).eval(), [torch.rand(3, 2, 1, 32, 32)], EvalSettings(grid_images=1), out, "cpu")
+    again = job.write_grids(
+        tiny(k_max=1).eval(), [torch.rand(3, 2, 1, 32, 32)], EvalSettings(grid_images=1), out, "cpu"
+    )
     assert [p.name for p in again] == ["grid_k0.png", "grid_k1.png"]  # the folder exists already: fine
 
 
@@ -155,12 +158,12 @@ def test_write_grids_bn_readjust_per_temperature(tmp_path, monkeypatch):
     m = tiny(k_max=0).eval()
     seen = []
     monkeypatch.setattr(
-        ev, "readjust_bn", lambda module, loader, t, n, device: (seen.append((t, n, device)), module)[1]
+        job, "readjust_bn", lambda module, loader, t, n, device: (seen.append((t, n, device)), module)[1]
     )
     loader = [torch.rand(2, 1, 1, 32, 32)]
-    ev.write_grids(m, loader, EvalSettings(grid_images=1, temperatures=(0.0, 0.5)), tmp_path, "cpu")
+    job.write_grids(m, loader, EvalSettings(grid_images=1, temperatures=(0.0, 0.5)), tmp_path, "cpu")
     assert seen == []
-    ev.write_grids(
+    job.write_grids(
         m,
         loader,
         EvalSettings(grid_images=1, temperatures=(0.0, 0.5), bn_readjust=True, bn_readjust_batches=3),
@@ -181,15 +184,15 @@ def test_checkpoint_to_evaluate(tmp_path):
     for value in ("???", None, ""):
         cfg = OmegaConf.create({"ckpt_path": value, "paths": {"log_dir": str(tmp_path)}, "dataset": {}})
         with pytest.raises(BadInputError) as err:
-            ev.checkpoint_to_evaluate(cfg)
+            job.checkpoint_to_evaluate(cfg)
         assert str(err.value) == NEEDS
     ckpt = save_checkpoint(tiny(), tmp_path / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt")
     cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"log_dir": str(tmp_path)}, "dataset": {"k_max": 3}})
-    path, model = ev.checkpoint_to_evaluate(cfg)
+    path, model = job.checkpoint_to_evaluate(cfg)
     assert path == ckpt and isinstance(model, FusionVAEModule) and model.hparams.k_max == 3
     cfg.dataset = {"k_max": 2}
     with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} is a model for"):
-        ev.checkpoint_to_evaluate(cfg)
+        job.checkpoint_to_evaluate(cfg)
 
 
 def test_load_model_maps_to_cpu(tmp_path, monkeypatch):
@@ -202,7 +205,7 @@ def test_load_model_maps_to_cpu(tmp_path, monkeypatch):
         return real(path, **kw)
 
     monkeypatch.setattr(FusionVAEModule, "load_from_checkpoint", spy)
-    assert isinstance(ev.load_model(str(ckpt)), FusionVAEModule) and seen == {"map_location": "cpu"}
+    assert isinstance(job.load_model(str(ckpt)), FusionVAEModule) and seen == {"map_location": "cpu"}
 
 
 # ---- run_evaluation with its collaborators faked ---------------------------------------------------
@@ -225,28 +228,28 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
         loggers=["L"],
     )
     datamodule = types.SimpleNamespace(test_dataloader=lambda: "loader")
-    monkeypatch.setattr(ev, "checkpoint_to_evaluate", lambda cfg: (ckpt, model))
-    monkeypatch.setattr(ev, "build", lambda cfg: (datamodule, None, trainer))
-    monkeypatch.setattr(ev, "describe_model", lambda hp, path: (rec.described.append(path), {"name": "m"})[1])
-    monkeypatch.setattr(ev, "write_report", lambda *a: rec.report.append(a))
-    monkeypatch.setattr(ev, "write_grids", lambda *a: (rec.grids.append(a), [grid])[1])
-    monkeypatch.setattr(ev, "log_images", lambda *a: rec.images.append(a))
-    monkeypatch.setattr(ev, "finish", lambda t: setattr(rec, "finished", rec.finished + 1))
+    monkeypatch.setattr(job, "checkpoint_to_evaluate", lambda cfg: (ckpt, model))
+    monkeypatch.setattr(job, "build", lambda cfg: (datamodule, None, trainer))
+    monkeypatch.setattr(job, "describe_model", lambda hp, path: (rec.described.append(path), {"name": "m"})[1])
+    monkeypatch.setattr(job, "write_report", lambda *a: rec.report.append(a))
+    monkeypatch.setattr(job, "write_grids", lambda *a: (rec.grids.append(a), [grid])[1])
+    monkeypatch.setattr(job, "log_images", lambda *a: rec.images.append(a))
+    monkeypatch.setattr(job, "finish", lambda t: setattr(rec, "finished", rec.finished + 1))
     times = iter([100.0, 112.349])
-    monkeypatch.setattr(ev.time, "time", lambda: next(times))
+    monkeypatch.setattr(job.time, "time", lambda: next(times))
     if hydra is not None:
-        monkeypatch.setattr(ev.HydraConfig, "initialized", staticmethod(lambda: True))
+        monkeypatch.setattr(job.HydraConfig, "initialized", staticmethod(lambda: True))
         monkeypatch.setattr(
-            ev.HydraConfig,
+            job.HydraConfig,
             "get",
             staticmethod(lambda: types.SimpleNamespace(overrides=types.SimpleNamespace(task=hydra))),
         )
     else:
-        monkeypatch.setattr(ev.HydraConfig, "initialized", staticmethod(lambda: False))
+        monkeypatch.setattr(job.HydraConfig, "initialized", staticmethod(lambda: False))
     cfg = OmegaConf.create(
         {"eval": {"iw_samples": 4, "temperatures": [0, 1]}, "paths": {"output_dir": str(tmp_path / "out")}}
     )
-    results = ev.run_evaluation(cfg)
+    results = job.run_evaluation(cfg)
     return results, rec, ckpt, device, grid
 
 

@@ -74,7 +74,7 @@ def test_image_loading_converts_pads_resizes_and_validates(tmp_path):
 
 
 def test_too_many_views_fail_clearly(ckpt, tmp_path):
-    from fusionvae.evaluation import load_model
+    from fusionvae.evaluate_job import load_model
 
     module = load_model(str(ckpt))
     images = [write_png(tmp_path / f"v{i}.png", 32) for i in range(4)]

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY, compose_cfg
 
 from fusionvae.errors import CheckpointError
-from fusionvae.evaluation import EvalSettings, evaluate_batch, load_model, run_evaluation
+from fusionvae.evaluate_job import load_model, run_evaluation
+from fusionvae.evaluation import EvalSettings, evaluate_batch
 from fusionvae.objective import split_views
 from fusionvae.resume import check_model, legacy_overrides, read_checkpoint
 

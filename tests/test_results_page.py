@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import results_page
+from scripts import page_discussion
 from scripts.page_stats import model_difference, over_seeds, view_change
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,26 +69,26 @@ def test_runs_on_different_items_are_refused():
 
 def test_missing_numbers_finds_stale_citations():
     tables = "| fcn | 3 | 709.70 ± 8.44 |\n- budget: 1,000 steps; IW-NLL drop -12.30"
-    assert results_page.missing_numbers("It fell by 12.30 nats to 709.70 in 1,000 steps (K = 3).", tables) == []
+    assert page_discussion.missing_numbers("It fell by 12.30 nats to 709.70 in 1,000 steps (K = 3).", tables) == []
     cited = "IW-NLL 903 → 814 → 709.70, PSNR 13.3 dB at K = 1 with 3 seeds"
-    assert results_page.missing_numbers(cited, tables) == ["13.3", "814", "903"]
+    assert page_discussion.missing_numbers(cited, tables) == ["13.3", "814", "903"]
 
 
 def test_a_discussion_for_other_runs_gets_a_banner():
-    section = results_page.discussion_section("We saw 1.5.", "budget=cpu, runs made at commit abc", "budget=smoke, "
+    section = page_discussion.discussion_section("We saw 1.5.", "budget=cpu, runs made at commit abc", "budget=smoke, "
                                               "runs made at commit def", "| 1.5 |")  # fmt: skip
     assert "Stale discussion:** written for budget=cpu, runs made at commit abc" in section
     assert "(written for: budget=cpu, runs made at commit abc)" in section  # the stamp is kept, not rewritten
-    fresh = results_page.discussion_section("We saw 1.5.", "budget=smoke", "budget=smoke", "| 1.5 |")
+    fresh = page_discussion.discussion_section("We saw 1.5.", "budget=smoke", "budget=smoke", "| 1.5 |")
     assert "Stale" not in fresh and "cites numbers" not in fresh
 
 
 def test_the_published_page_cites_only_numbers_of_its_tables():
     page = (ROOT / "docs" / "results.md").read_text()
-    body, written_for = results_page.kept_discussion(ROOT / "docs" / "results.md")
+    body, written_for = page_discussion.kept_discussion(ROOT / "docs" / "results.md")
     generated = page.replace(body, "")
-    assert written_for and body != results_page.NOT_WRITTEN
-    assert results_page.missing_numbers(body, generated) == []
+    assert written_for and body != page_discussion.NOT_WRITTEN
+    assert page_discussion.missing_numbers(body, generated) == []
     assert "Stale discussion" not in page and "cites numbers the tables do not hold" not in page
     # no claim about what the paper found without a quote and its source
     for line in body.splitlines():

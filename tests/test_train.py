@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from fusionvae.evaluation import run_evaluation
+from fusionvae.evaluate_job import run_evaluation
 from fusionvae.instantiate import build
 from fusionvae.training import train
 from tests.conftest import ROOT, TINY, compose_cfg
@@ -32,6 +32,7 @@ def test_fast_dev_run(data_dir, tmp_path):
     metrics = train(cfg_for(data_dir, tmp_path, "debug=fdr"))
     for k in range(4):
         assert torch.isfinite(torch.tensor(metrics[f"val/nelbo_k{k}"]))
+        assert 0 <= metrics[f"val/kl_k{k}"] < metrics[f"val/nelbo_k{k}"] and metrics[f"val/prior_sigma_k{k}"] > 0.01
     assert metrics["val/nelbo"] > 0
 
 
@@ -213,7 +214,9 @@ def test_run_logs_its_config_and_reports_directory_and_best_checkpoint(data_dir,
     text = caplog.text
     assert f"run directory: {tmp_path}" in text
     assert "best val/nelbo " in text and str(tmp_path / "checkpoints" / "epoch000.ckpt") in text
-    assert "val/nelbo " in text.splitlines()[-1]  # the per-K table closes the run
+    table = text.splitlines()[-3:]  # the per-K table closes the run: NELBO and the fusion diagnostic
+    assert [line.split()[0] for line in table] == ["val/nelbo", "val/kl", "val/prior_sigma"]
+    assert all(len(line.split()) == 5 for line in table)  # K = 0 .. 3
 
 
 def instantiate_model(data_dir, tmp_path):
