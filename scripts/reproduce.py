@@ -64,6 +64,14 @@ BUDGETS = {
         num_samples=10,
         classifier_epochs=2,
         note="600 steps of batch 64 (0.64 epochs) per run on the CPU",
+        seeds=(
+            ("fusionvae", 3),
+            ("fusionvae_params", 3),
+            ("cvae", 2),
+            ("fcn", 2),
+            ("fusionvae_mean", 2),
+            ("fusionvae_mean_params", 2),
+        ),  # fmt: skip
     ),
     "paper": Budget(
         ("experiment=mnist_paper",),
