@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling import DeferredLoader, EpochSampler, batches_done
@@ -106,10 +108,16 @@ class FusionDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            num_workers=self.workers(),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # page-locking helps only a GPU copy
+            persistent_workers=self.persistent_workers and self.workers() > 0,
         )
+
+    def workers(self) -> int:
+        """``num_workers``, at most the CPU cores this process may use: more only compete for them
+        (and make PyTorch warn)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(self.num_workers, cores)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
