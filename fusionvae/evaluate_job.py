@@ -5,6 +5,7 @@ metrics_vs_k.png) and the image grids per K (``fusionvae.sampling``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,9 +23,11 @@ from .instantiate import build, finish
 from .lit_module import FusionVAEModule
 from .malloc import keep_freed_memory
 from .objective import k_range, split_views
-from .report import describe_model, write_per_item, write_report
+from .report import describe_model, summary_table, write_per_item, write_report
 from .resume import check_dataset, legacy_overrides, read_checkpoint, resolve_ckpt_path
 from .sampling import fusion_grid, log_images
+
+log = logging.getLogger("fusionvae")
 
 
 def write_grids(module: FusionVAEModule, loader, settings: EvalSettings, out_dir: Path, device) -> list[Path]:
@@ -82,7 +85,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     start = time.time()
     try:
-        trainer.test(evaluator, datamodule=datamodule)
+        trainer.test(evaluator, datamodule=datamodule, verbose=False)  # its table: below, compact
         results = evaluator.results
         seconds = time.time() - start
         if trainer.is_global_zero:
@@ -99,6 +102,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
             }
             write_report(results, evaluator.stderr, info, out_dir)
             write_per_item(evaluator.per_item, out_dir / "per_item.csv")
+            log.info("%s items, %s\n%s", evaluator.items, ckpt_path, summary_table(results, info["units"]))
             paths = write_grids(
                 model, datamodule.test_dataloader(), settings, out_dir / "images", trainer.strategy.root_device
             )
@@ -106,4 +110,6 @@ def run_evaluation(cfg: DictConfig) -> dict:
                 log_images(trainer.loggers, f"eval/{path.stem}", read_image(str(path)).float() / 255, 0)
     finally:
         finish(trainer)
+    if trainer.is_global_zero:
+        log.info("results (metrics.md, per_item.csv, grids): %s", out_dir)
     return results

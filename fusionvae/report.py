@@ -124,6 +124,20 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+SUMMARY = ("nelbo", "iw_nll", "kl", "prior_sigma", "psnr_best", "ssim_best", "class_best", "diversity")
+
+
+def summary_table(results: Mapping[int, Mapping[str, float]], units: str | None) -> str:
+    """A compact per-K text table of the headline metrics (the full one is metrics.md)."""
+    rows = per_k_rows(results)
+    columns = [c for c in SUMMARY if rows and c in rows[0]]
+    headers = {**headers_for(units), "K": "K"}
+    widths = [max(len(headers[c]), 9) for c in columns]
+    lines = ["K  " + "  ".join(f"{headers[c]:>{w}}" for c, w in zip(columns, widths))]
+    lines += [f"{row['K']:<3}" + "  ".join(f"{_fmt(row[c]):>{w}}" for c, w in zip(columns, widths)) for row in rows]
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[Mapping], columns: list[str], path: Path) -> None:
     """``rows`` as CSV, written to a temporary file and renamed (never half a file)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -245,7 +245,9 @@ def test_grid_layout_labels_and_nan_check():
 
 
 # ---- evaluate.py's job --------------------------------------------------------------------------
-def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
+def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path, caplog):
+    import logging
+
     ckpt = save_checkpoint(tiny_module(), tmp_path / "ckpt" / "last.ckpt")
     out = tmp_path / "eval"
     cfg = compose_cfg(
@@ -265,7 +267,11 @@ def test_run_evaluation_writes_metrics_report_and_grids(data_dir, tmp_path):
             "eval.bn_readjust_batches=2",
         ],
     )
-    results = run_evaluation(cfg)
+    with caplog.at_level(logging.INFO, logger="fusionvae"):
+        results = run_evaluation(cfg)
+    table = caplog.text.split("K  NELBO (nats)", 1)[1].splitlines()  # the compact per-K table, then the folder
+    assert [line.split()[0] for line in table[1:5]] == ["0", "1", "2", "3"]
+    assert f"{results[3]['iw_nll']:.2f}" in table[4] and caplog.text.rstrip().endswith(str(out))
     saved = json.loads((out / "metrics.json").read_text())
     assert [row["K"] for row in saved["per_k"]] == [0, 1, 2, 3] and sorted(results) == [0, 1, 2, 3]
     for k in range(4):

@@ -217,7 +217,8 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
     grid = tmp_path / "grid_k0.png"
     save_image(torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0)), grid)
 
-    def test(evaluator, datamodule):
+    def test(evaluator, datamodule, verbose):
+        assert verbose is False  # Lightning's wide table is replaced by the compact one in the log
         evaluator.results, evaluator.stderr, evaluator.items = {0: {"nelbo": 1.5}}, {0: {"nelbo": 0.1}}, 12
 
     trainer = types.SimpleNamespace(
