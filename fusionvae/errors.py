@@ -85,7 +85,9 @@ def _to_log_files(message: str) -> None:
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
-    """Data problems the user fixes (missing files are FileNotFoundError; stale or damaged LMDBs)."""
+    """Data problems the user fixes (missing files are FileNotFoundError; stale or damaged LMDBs;
+    unusable image folders)."""
+    from datamodules.errors import DataError
     from datamodules.lmdb_store import LMDBMetadataError, LMDBRecordError
 
-    return LMDBMetadataError, LMDBRecordError
+    return LMDBMetadataError, LMDBRecordError, DataError
