@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -38,17 +39,21 @@ class TooManySkippedSteps(FusionVAEError, FloatingPointError):
 
 
 class Preempted(FusionVAEError):
-    """SIGTERM / SIGUSR1 arrived: the checkpoint was saved and the run stops with 128 + signal."""
+    """SIGTERM / SIGUSR1 / SIGINT arrived: the checkpoint was saved (``path``) and the run stops with
+    128 + signal; ``step`` None: it came outside training, where there is nothing to save."""
 
-    def __init__(self, signum: int, step: int, path: str | None):
+    def __init__(self, signum: int, step: int | None, path: str | None):
         self.signum, self.step, self.path = int(signum), step, path
         self.exit_code = 128 + int(signum)
-        saved = (
-            f"checkpoint saved to {path} (resume with ckpt_path={path} or ckpt_path=last)"
-            if path
-            else "no checkpoint written at this step (resume from the run's last.ckpt)"
-        )
-        super().__init__(f"stopped by signal {int(signum)} at step {step}; {saved}")
+        self.prefix = "interrupted" if self.signum == signal.SIGINT else "preempted"  # Ctrl-C is the user's
+        if path:
+            saved = f"checkpoint saved to {path} (resume with ckpt_path={path} or ckpt_path=last)"
+        elif step is not None:
+            saved = "no checkpoint written at this step (resume from the run's last.ckpt)"
+        else:
+            saved = "nothing to save there (resume from the run's last.ckpt, if it has one)"
+        where = f"at step {step}" if step is not None else "before or after the training loop"
+        super().__init__(f"stopped by signal {self.signum} {where}; {saved}")
 
 
 @contextmanager
@@ -61,8 +66,8 @@ def reported(prefix: str = "error"):
     try:
         yield
     except Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr, flush=True)
-        _to_log_files(f"preempted: {stop}")
+        print(f"{stop.prefix}: {stop}", file=sys.stderr, flush=True)
+        _to_log_files(f"{stop.prefix}: {stop}")
         sys.exit(stop.exit_code)
     except (FusionVAEError, FileNotFoundError, *_data_errors()) as err:
         _to_log_files(f"{prefix}: {err}")

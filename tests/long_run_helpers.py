@@ -1,4 +1,4 @@
-"""Test-only callbacks that interrupt a training run at a chosen step (added with
+"""Test-only callbacks that interrupt a training run at a chosen step or validation batch (added with
 ``+callbacks.<name>._target_=tests.long_run_helpers.<Class>`` on the command line)."""
 
 from __future__ import annotations
@@ -33,13 +33,46 @@ class SignalAt(L.Callback):
         if self.fired or trainer.global_step != self.step:
             return
         self.fired = True
-        if not self.external:
-            os.kill(os.getpid(), self.signum)
-            return
-        Path(self.marker).write_text(str(os.getpid()))
-        deadline = time.monotonic() + self.timeout
-        while stop_requested() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        signal_now(self.signum, self.external, self.marker, self.timeout)
+
+
+def signal_now(signum: int, external: bool = False, marker: str | None = None, timeout: float = 120.0) -> None:
+    """Send ``signum`` to this process, or (``external``) write ``marker`` and wait until someone
+    else sends a signal (RunGuard's handler records it)."""
+    if not external:
+        os.kill(os.getpid(), signum)
+        return
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + timeout
+    while stop_requested() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class SignalInValidation(L.Callback):
+    """At the start of validation batch ``batch`` after training step ``step`` (not the sanity
+    check): send ``signal`` to this process, or (``external``) write ``marker`` and wait until
+    someone else sends one. Every validation batch that starts from then on is appended to ``record``."""
+
+    def __init__(
+        self,
+        step: int,
+        batch: int,
+        record: str,
+        signal_name: str = "SIGTERM",
+        external: bool = False,
+        marker: str | None = None,
+    ):
+        self.step, self.batch, self.record = step, batch, Path(record)
+        self.signum, self.external, self.marker, self.fired = getattr(signal, signal_name), external, marker, False
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.fired:
+            with self.record.open("a") as f:
+                f.write(f"{batch_idx}\n")
+        elif not trainer.sanity_checking and (trainer.global_step, batch_idx) == (self.step, self.batch):
+            self.fired = True
+            self.record.write_text(f"{batch_idx}\n")
+            signal_now(self.signum, self.external, self.marker)
 
 
 class Poison(L.Callback):
