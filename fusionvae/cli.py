@@ -10,10 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .errors import reported
-from .evaluate_job import run_evaluation
 from .launcher import size_launcher
-from .resume import evaluate_on_training_dataset, resume_in_place
-from .training import train
+from .run_args import evaluate_on_training_dataset, resume_in_place
 
 
 def config_dir() -> Path:
@@ -29,12 +27,16 @@ CONF = config_dir()
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
 def train_job(cfg: DictConfig) -> float | None:
+    from .training import train  # here, not above: `--help` and `--cfg` answer without importing Lightning
+
     with reported():
         return train(cfg).get("val/nelbo")  # the objective Hydra sweepers minimise
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="evaluate")
 def evaluate_job(cfg: DictConfig) -> dict:
+    from .evaluate_job import run_evaluation  # as in train_job
+
     with reported():
         return run_evaluation(cfg)
 

@@ -24,7 +24,8 @@ from .lit_module import FusionVAEModule
 from .malloc import keep_freed_memory
 from .objective import k_range, split_views
 from .report import describe_model, summary_table, write_per_item, write_report
-from .resume import check_dataset, legacy_overrides, read_checkpoint, resolve_ckpt_path
+from .resume import check_dataset, legacy_overrides, read_checkpoint
+from .run_args import resolve_ckpt_path
 from .sampling import fusion_grid, log_images
 
 log = logging.getLogger("fusionvae")

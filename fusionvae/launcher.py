@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BadInputError
-from .resume import compose_train, select_overrides
+from .run_args import compose_train, select_overrides
 
 LAUNCHERS = ("submitit_slurm", "slurm")
 # config groups and keys that can change trainer.devices / trainer.num_nodes

@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from .errors import Preempted
 from .instantiate import build, finish
-from .resume import check_dataset, check_model, check_resumable, read_checkpoint, resolve_ckpt_path
+from .resume import check_dataset, check_model, check_resumable, read_checkpoint
+from .run_args import resolve_ckpt_path
 from .run_log import log_end, log_start
 
 

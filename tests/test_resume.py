@@ -122,7 +122,8 @@ def test_sigusr1_at_the_last_batch_of_an_epoch_then_resume_is_bit_identical(data
     assert torch.load(last, weights_only=True)["global_step"] == 4
     train(run_cfg(data_dir, tmp_path, f"ckpt_path={last}"))
     assert_same_training_state(torch.load(last, weights_only=True), straight)
-    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch001.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    names = sorted(p.name for p in last.parent.iterdir())
+    assert names == ["epoch001.ckpt", "epoch001.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]  # no last-v1.ckpt
 
 
 # ---- the building blocks: order and randomness from (seed, epoch, index) ------------------------
@@ -161,7 +162,7 @@ def test_pasting_draws_each_item_from_its_own_generator():
 
 
 def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
-    from fusionvae.resume import evaluate_on_training_dataset
+    from fusionvae.run_args import evaluate_on_training_dataset
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
