@@ -1,12 +1,18 @@
 """Fuse 0..k_max image files with a trained checkpoint into samples of the clean image.
 
-    python -m fusionvae.fuse --ckpt <run>/checkpoints/last.ckpt --out grid.png \\
+    fusionvae-fuse --ckpt <run>/checkpoints/last.ckpt --out grid.png [--samples-dir DIR] \\
         [--samples 8] [--temperature 1.0] [--resize] [--device cpu] view1.png [view2.png view3.png]
+    fusionvae-fuse --ckpt ... --out grid.png <scene folder>    # its images are the views
+
+``fusionvae-fuse`` is ``python -m fusionvae.fuse``. A folder stands for the images in it (sorted by
+name; a ``target.*`` image, the clean reference of a scene, is left out).
 
 The grid has one row: the input views, the mean image (t = 0) and the samples. Images are loaded
 with PIL and converted to the model's channels (L or RGB). They must have the model's image size;
 images of the size of its central crop (e.g. 28x28 digits for the 32x32 MNIST model) are
 zero-padded, and ``--resize`` resizes any other size (bilinear).
+
+``--samples-dir`` also writes the mean image and each sample as its own PNG.
 
 Python API: ``fuse(module, views)`` on tensors, ``load_views(paths, module)``, ``fuse_files(...)``.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +94,37 @@ def load_image(path: str | Path, channels: int, image_size: int, crop: int = 0, 
     )
 
 
+def expand_views(paths: Sequence[str | Path]) -> list[Path]:
+    """View files: a folder stands for its image files (a scene: sorted by name, ``target.*`` left out)."""
+    from datamodules.folder_scan import IMAGE_SUFFIXES
+
+    files = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        views = sorted(
+            f
+            for f in path.iterdir()
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.stem != "target"
+        )
+        if not views:
+            raise BadInputError(f"scene folder {path} holds no view images (PNG / JPEG files other than target.*)")
+        files += views
+    return files
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """Write ``image`` as a PNG atomically (a temporary file in the same folder, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
+    try:
+        save_image(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_views(paths: Sequence[str | Path], module: FusionVAEModule, resize: bool = False) -> torch.Tensor:
     """``[K, C, H, W]`` views for ``module`` from image files (K may be 0)."""
     hp = module.hparams
@@ -147,23 +185,28 @@ def fuse_files(
     device: str = "cpu",
     seed: int | None = 0,
     decode: str = "sample",
+    samples_dir: str | Path | None = None,
 ) -> FusionResult:
-    """Load ``ckpt``, fuse the image files and write the grid (inputs | mean | samples) to ``out``."""
+    """Load ``ckpt``, fuse the image files (a folder: its images) and write the grid (inputs | mean |
+    samples) to ``out``, and with ``samples_dir`` the mean image and each sample as PNGs there."""
     if seed is not None:
         torch.manual_seed(seed)
     module = load_model(str(ckpt)).to(device).eval()
-    result = fuse(module, load_views(images, module, resize), num_samples, temperature, decode)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(result.grid(), out)
+    result = fuse(module, load_views(expand_views(images), module, resize), num_samples, temperature, decode)
+    save_png(result.grid(), Path(out))
+    if samples_dir is not None:
+        save_png(result.mean, Path(samples_dir) / "mean.png")
+        for i, sample in enumerate(result.samples):
+            save_png(sample, Path(samples_dir) / f"sample_{i:03d}.png")
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m fusionvae.fuse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="*", help="0..k_max input views (image files)")
+    parser.add_argument("images", nargs="*", help="0..k_max input views: image files, or a scene folder of them")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (<run>/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="grid image file to write (e.g. grid.png)")
+    parser.add_argument("--samples-dir", help="also write mean.png and sample_<i>.png to this folder")
     parser.add_argument("--samples", type=int, default=8, help="number of fused samples (default 8)")
     parser.add_argument("--temperature", type=float, default=1.0, help="prior temperature of the samples (default 1)")
     parser.add_argument(
@@ -187,11 +230,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.device,
             args.seed,
             args.decode,
+            args.samples_dir,
         )
     except (FileNotFoundError, ValueError, FusionVAEError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and the samples in {args.samples_dir}" if args.samples_dir else ""))
     return Path(args.out)
+
+
+def console_main() -> None:
+    """The ``fusionvae-fuse`` console script (``main`` returns the path, which is no exit status)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.demo_images import write_demo
+from datamodules.demo_images import write_demo, write_scenes
 from datamodules.errors import DataError
 from datamodules.folder_scan import fit_image, scan_folder, split_files
 from datamodules.image_folder import ImageFolderDataModule
@@ -27,7 +27,7 @@ from datamodules.lmdb_store import LMDBMetadataError, is_complete, read_meta
 from datamodules.make_celeba import area_resize
 from datamodules.sampling import SampleKey
 from datamodules.view_styles import EllipseWindows
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, save_checkpoint
 
 STYLE = EllipseWindows(n_ellipses=2, r_low=5, r_high=10, noise_std=0.25)
 
@@ -221,3 +221,27 @@ def test_train_py_reports_unreadable_images_in_one_line(tmp_path):
     proc = run_train(folder, tmp_path, "dataset.channels=1")
     assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stderr[-3000:]
     assert "1 of 31 images in" in error_lines(proc)[0] and "broken.png" in error_lines(proc)[0]
+
+
+# ---- fuse a scene folder ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tests.test_evaluation import tiny_module
+
+    torch.manual_seed(0)
+    return save_checkpoint(tiny_module(), tmp_path_factory.mktemp("fuse") / "last.ckpt")
+
+
+def test_fuse_takes_a_scene_folder_and_writes_the_samples(ckpt, tmp_path):
+    from fusionvae.fuse import main
+
+    (scene,) = write_scenes(tmp_path / "scenes", 1, 32, grey=True)
+    out, samples = tmp_path / "grid.png", tmp_path / "samples"
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--samples", "2", "--samples-dir", str(samples), str(scene)])
+    with Image.open(out) as img:
+        assert img.size == ((3 + 1 + 2) * 66 + 2, 14 + 66 + 2)  # 3 views (target.png left out), mean, 2 samples
+    assert sorted(p.name for p in samples.iterdir()) == ["mean.png", "sample_000.png", "sample_001.png"]
+    shutil.copy(scene / "view1.png", scene / "view4.png")
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", str(ckpt), "--out", str(out), str(scene)])
+    assert stop.value.code == 2

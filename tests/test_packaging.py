@@ -20,7 +20,11 @@ from omegaconf import OmegaConf
 
 # what the build reads; copied so that a stale build/ folder in the checkout cannot leak into it
 BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "fusionvae", "datamodules", "conf"]
-SCRIPTS = {"fusionvae-train": "fusionvae.cli:train_main", "fusionvae-evaluate": "fusionvae.cli:evaluate_main"}
+SCRIPTS = {
+    "fusionvae-train": "fusionvae.cli:train_main",
+    "fusionvae-evaluate": "fusionvae.cli:evaluate_main",
+    "fusionvae-fuse": "fusionvae.fuse:console_main",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,9 @@ def test_console_scripts_are_declared_and_exist(wheel):
     import fusionvae.cli
 
     assert callable(fusionvae.cli.train_main) and callable(fusionvae.cli.evaluate_main)
+    import fusionvae.fuse
+
+    assert callable(fusionvae.fuse.console_main)
     assert fusionvae.cli.CONF == CONF  # in a checkout: its one conf/
 
 
@@ -115,3 +122,33 @@ def test_installed_main_loads_the_packaged_configs(unpacked, tmp_path):
         want = OmegaConf.to_container(compose("train", overrides=["model/size=tiny"]), resolve=False)
     assert yaml.safe_load(proc.stdout) == want
     assert not any(tmp_path.iterdir())  # --cfg writes nothing
+
+
+def test_installed_fuse_script_fuses_a_scene_folder(wheel, tmp_path):
+    """``fusionvae-fuse <scene folder> --ckpt ...`` from the wheel installed in a fresh folder."""
+    import torch
+    from conftest import save_checkpoint
+    from test_evaluation import tiny_module
+
+    from datamodules.demo_images import write_scenes
+
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tiny_module(), tmp_path / "last.ckpt")
+    (scene,) = write_scenes(tmp_path / "scenes", 1, 32, grey=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    script = [str(site / "bin" / "fusionvae-fuse"), "--ckpt", str(ckpt), "--out", "grid.png", "--samples", "2"]
+    proc = subprocess.run(
+        [*script, "--samples-dir", "samples", str(scene)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "samples").glob("*.png"))) == 3
+    where = [sys.executable, "-c", "import fusionvae.fuse as f; print(f.__file__)"]
+    imported = subprocess.run(where, cwd=tmp_path, env=env, capture_output=True, text=True).stdout.strip()
+    assert Path(imported).is_relative_to(site)  # the installed package, not the checkout
