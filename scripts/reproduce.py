@@ -71,7 +71,7 @@ BUDGETS = {
             ("fcn", 2),
             ("fusionvae_mean", 2),
             ("fusionvae_mean_params", 2),
-        ),  # fmt: skip
+        ),
     ),
     "paper": Budget(
         ("experiment=mnist_paper",),
