@@ -56,6 +56,10 @@ class Preempted(FusionVAEError):
         super().__init__(f"stopped by signal {self.signum} {where}; {saved}")
 
 
+class RunFolderInUseError(FusionVAEError, FileExistsError):
+    """Another training job holds the run folder's lock (``fusionvae.run_lock``)."""
+
+
 @contextmanager
 def reported(prefix: str = "error"):
     """Turn a ``FusionVAEError``, a missing file or a stale / damaged LMDB into one line on stderr

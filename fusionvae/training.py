@@ -9,8 +9,10 @@ from omegaconf import DictConfig
 
 from .errors import Preempted
 from .instantiate import build, finish
+from .resilience import stop_outside_training
 from .resume import check_dataset, check_model, check_resumable, read_checkpoint
 from .run_args import resolve_ckpt_path
+from .run_lock import run_lock
 from .run_log import log_end, log_start
 
 
@@ -31,9 +33,17 @@ def resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
 def train(cfg: DictConfig) -> dict:
     """Fit (resuming from ``cfg.ckpt_path`` if set), optionally test; returns the final metrics.
 
-    Raises ``Preempted`` after SIGTERM / SIGUSR1 (checkpoint saved by ``RunGuard``)."""
-    ckpt_path, wandb_id = resume_from(cfg)
-    datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
+    Raises ``Preempted`` after SIGTERM / SIGUSR1 / SIGINT (checkpoint saved by ``RunGuard``), and
+    ``RunFolderInUseError`` while another job trains in ``paths.output_dir`` (``fusionvae.run_lock``)."""
+    with stop_outside_training():
+        ckpt_path, wandb_id = resume_from(cfg)
+        datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
+        # locked before any logger starts: a refused job must not join the running job's W&B run
+        with run_lock(cfg.paths.output_dir, rank_zero=trainer.is_global_zero):
+            return _fit(cfg, trainer, model, datamodule, ckpt_path)
+
+
+def _fit(cfg: DictConfig, trainer, model, datamodule, ckpt_path: str | None) -> dict:
     try:
         if trainer.is_global_zero:
             log_start(cfg, trainer, model)
