@@ -126,20 +126,34 @@ def _pixels(img: Image.Image, channels: int) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def fit_image(path: str | Path, size: int, channels: int) -> np.ndarray:
-    """uint8 ``[size, size, channels]``: the image centre-cropped to a square, area-resized."""
+def load_pixels(path: str | Path, channels: int) -> np.ndarray:
+    """uint8 ``[H, W, channels]`` of an image file (upright, on black, grey or RGB)."""
     with Image.open(path) as img:
-        arr = _pixels(img, channels)
+        return _pixels(img, channels)
+
+
+def fit_array(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[size, size, C]``: ``arr [H, W, C]`` centre-cropped to a square, area-resized."""
     h, w = arr.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return area_resize(arr[top : top + side, left : left + side], size)
 
 
-def describe_failures(root: Path, failures: list[str], total: int, shown: int = 3) -> str:
-    """One line naming the unreadable images (the first ``shown``) and how many there are."""
+def fit_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """uint8 ``[size, size, channels]``: the image centre-cropped to a square, area-resized."""
+    return fit_array(load_pixels(path, channels), size)
+
+
+def why_unreadable(exc: BaseException, path: Path) -> str:
+    """PIL's reason on one line, without the path it repeats."""
+    return " ".join(str(exc).replace(f" '{path}'", "").split()) or type(exc).__name__
+
+
+def describe_failures(root: Path, failures: list[str], total: int, noun: str = "images", shown: int = 3) -> str:
+    """One line naming the unusable images or scenes (the first ``shown``) and how many there are."""
     more = f" and {len(failures) - shown} more" if len(failures) > shown else ""
     return (
-        f"{len(failures)} of {total} images in {root} cannot be read: {'; '.join(failures[:shown])}{more}; "
+        f"{len(failures)} of {total} {noun} in {root} cannot be used: {'; '.join(failures[:shown])}{more}; "
         f"fix or remove them, then run again"
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from datamodules.base import FusionDataModule
 from datamodules.errors import DataError
-from datamodules.folder_scan import scan_folder
+from datamodules.folder_scan import FolderScan, scan_folder
 from datamodules.images import to_tensor
 from datamodules.lmdb_env import resolve
 from datamodules.lmdb_store import LMDBReader, StoredStacks, is_complete, remove_stale_temps
@@ -35,6 +36,25 @@ log = logging.getLogger(__name__)
 def read_clean(reader: LMDBReader, indices: list[int]) -> torch.Tensor:
     """Clean images ``[B, C, S, S]`` in [0, 1] (the training images are the first records)."""
     return to_tensor(reader.get_many(indices)[:, 0])
+
+
+def folder_lmdb_dir(given: str | None, data_dir: str, root: Callable[[], Path], base: str) -> Path:
+    """``given``, else ``<data_dir>/<base>/<folder name>-<8 hex of its path>``."""
+    if given:
+        return Path(given).expanduser().absolute()
+    folder = root()
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return Path(data_dir).expanduser().absolute() / base / f"{folder.name}-{tag}"
+
+
+def scan_unless_gone(root: Path, out: Path, first: str) -> FolderScan | None:
+    """The folder's scan, or None when it is gone but its LMDBs (``out / first``) exist; removes
+    unfinished LMDBs of killed builds in ``out`` first."""
+    remove_stale_temps(out)
+    if root.exists() or not is_complete(out / first):
+        return scan_folder(root)
+    log.warning("image folder %s not found: using its LMDBs in %s unchecked", root, out)
+    return None
 
 
 class ImageFolderDataModule(FusionDataModule):
@@ -82,23 +102,15 @@ class ImageFolderDataModule(FusionDataModule):
 
     @property
     def lmdb_dir(self) -> Path:
-        if self.given_lmdb_dir:
-            return Path(self.given_lmdb_dir).expanduser().absolute()
-        root = self.root()
-        tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
-        return Path(self.data_dir).expanduser().absolute() / "fusion_image_folder_lmdb" / f"{root.name}-{tag}"
+        return folder_lmdb_dir(self.given_lmdb_dir, self.data_dir, self.root, "fusion_image_folder_lmdb")
 
     def prepare_data(self) -> None:
         """Build the missing LMDBs (rank zero only; atomic) and refuse stale ones; a folder that is
         gone while its LMDBs exist (e.g. only the LMDBs were copied) leaves them unchecked."""
-        out = self.lmdb_dir
-        remove_stale_temps(out)
-        if self.root().exists() or not is_complete(out / "images"):
-            scan = scan_folder(self.root())
-        else:
-            log.warning("image folder %s not found: using its LMDBs in %s unchecked", self.root(), out)
-            scan = None
-        build_image_folder(scan, out, self.spec, self.style, self.batch_size, self.build_workers, self.rebuild)
+        scan = scan_unless_gone(self.root(), self.lmdb_dir, "images")
+        build_image_folder(
+            scan, self.lmdb_dir, self.spec, self.style, self.batch_size, self.build_workers, self.rebuild
+        )
 
     def _reader(self, name: str, expected: dict[str, Any]) -> LMDBReader:
         return self.track(LMDBReader(self.lmdb_dir / name, expected, rebuild_hint(self.lmdb_dir)))

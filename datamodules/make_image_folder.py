@@ -27,7 +27,15 @@ from typing import Any
 import torch
 
 from datamodules.errors import DataError
-from datamodules.folder_scan import UNREADABLE, FolderScan, check_counts, describe_failures, fit_image, split_files
+from datamodules.folder_scan import (
+    UNREADABLE,
+    FolderScan,
+    check_counts,
+    describe_failures,
+    fit_image,
+    split_files,
+    why_unreadable,
+)
 from datamodules.images import encode_stack, to_tensor
 from datamodules.lmdb_env import close_env, resolve
 from datamodules.lmdb_store import (
@@ -106,8 +114,7 @@ def clean_record(rel: str, root: str, size: int, channels: int) -> bytes | str:
     try:
         return encode_stack(fit_image(Path(root) / rel, size, channels)[None])
     except UNREADABLE as exc:
-        reason = " ".join(str(exc).replace(f" '{Path(root) / rel}'", "").split()) or type(exc).__name__
-        return f"{rel} ({reason})"
+        return f"{rel} ({why_unreadable(exc, Path(root) / rel)})"
 
 
 def _clean_records(scan: FolderScan, files: list[str], spec: FolderSpec, workers: int | None) -> Iterator[bytes]:
@@ -132,8 +139,9 @@ def _view_records(reader: LMDBReader, start: int, count: int, spec: FolderSpec, 
             yield encode_stack(stack.mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
-def _check_images(path: Path, scan: FolderScan | None, spec: FolderSpec, hint: str, rebuild: bool) -> None:
-    """Refuse (or with ``rebuild`` discard) an images LMDB of another folder state or other settings."""
+def check_source(path: Path, scan: FolderScan | None, expected: dict[str, Any], hint: str, rebuild: bool) -> None:
+    """Refuse (or with ``rebuild`` discard) an LMDB made from another state of the folder (its
+    ``source`` fingerprint) or with other settings than ``expected``."""
     meta = read_meta(path)
     stored = meta.get("source", {})
     try:
@@ -142,7 +150,7 @@ def _check_images(path: Path, scan: FolderScan | None, spec: FolderSpec, hint: s
                 f"image folder {scan.root} has changed since its LMDB {path} was built ({stored.get('images')} "
                 f"images then, {len(scan.files)} now; paths, sizes or modification times differ): {hint}"
             )
-        check_meta(meta, spec.expected_images(), path, hint)
+        check_meta(meta, expected, path, hint)
     except LMDBMetadataError:
         if not rebuild:
             raise
@@ -163,7 +171,7 @@ def build_image_folder(
     out = Path(out).expanduser().absolute()
     images, hint = out / "images", rebuild_hint(out)
     if is_complete(images):
-        _check_images(images, scan, spec, hint, rebuild)
+        check_source(images, scan, spec.expected_images(), hint, rebuild)
     if not is_complete(images):
         if scan is None:
             raise FileNotFoundError(f"LMDB not found: {images}, and its image folder is gone (dataset.path)")

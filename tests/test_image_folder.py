@@ -135,7 +135,7 @@ def test_other_settings_are_refused_naming_the_field(tmp_path):
     [
         ("no path", r"needs the folder of images: add dataset.path=<folder>"),
         ("empty", r"holds no images \(png, jpg"),
-        ("unreadable", r"2 of 42 images in .* cannot be read: a/bad.png \(cannot identify image file\); b.jpg "),
+        ("unreadable", r"2 of 42 images in .* cannot be used: a/bad.png \(cannot identify image file\); b.jpg "),
         ("too few", r"too few images for the split: 5 images give 3 train, 1 valid, 1 test .*dataset.batch_size=8 "),
     ],
 )
