@@ -3,11 +3,13 @@
 The split is deterministic and disjoint, images are centre-cropped and area-resized exactly, the
 validation / test views are stored once, a changed folder or setting is refused in one line naming
 the rebuild, and every bad input (no path, a missing or empty folder, unreadable images, too few
-images) is one line. End to end: ``python train.py dataset=image_folder ... debug=fdr`` for grey and
-RGB folders (subprocesses), and ``fusionvae-fuse`` on a scene folder."""
+images) is one line. End to end (subprocesses): ``python train.py dataset=image_folder ...`` on grey
+(debug=fdr) and RGB folders (one short epoch, then ``evaluate.py`` on its checkpoint), and
+``fusionvae-fuse`` on a scene folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -175,7 +177,6 @@ def run_train(folder: Path, tmp_path: Path, *extra: str) -> subprocess.Completed
         "train.py",
         "dataset=image_folder",
         f"dataset.path={folder}",
-        "debug=fdr",
         "model/size=tiny",
         "trainer=cpu",
         "logger=csv",
@@ -201,13 +202,28 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 def test_train_py_runs_end_to_end_and_refuses_a_changed_folder(tmp_path, grey_images, channels):
     folder = tmp_path / "images"
     write_demo(folder, 200, grey=grey_images)
-    proc = run_train(folder, tmp_path, f"dataset.channels={channels}")
+    # grey: one batch of each (fast_dev_run); RGB: one short epoch, which writes a checkpoint to evaluate
+    short = ["debug=fdr"] if grey_images else [f"trainer.{k}=1" for k in ("max_epochs", "limit_train_batches")]
+    proc = run_train(folder, tmp_path, f"dataset.channels={channels}", "trainer.limit_val_batches=1", *short)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val/nelbo" in proc.stdout + proc.stderr
-    if channels == 3:
+    if not grey_images:  # evaluate.py finds the folder and settings in the run
+        cmd = [
+            sys.executable,
+            "evaluate.py",
+            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+            *("trainer=cpu", "trainer.limit_test_batches=1", "dataset.val_batch_size=4", "dataset.num_workers=0"),
+            *("eval.iw_samples=2", "eval.iw_chunk=2", "eval.num_samples=2", "eval.grid_images=1"),
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_k"]) == 4
         return
     write_demo(folder / "more", 1, grey=True, seed=5)
-    proc = run_train(folder, tmp_path, f"dataset.channels={channels}")
+    proc = run_train(folder, tmp_path, f"dataset.channels={channels}", "debug=fdr")
     assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stderr[-3000:]
     (line,) = error_lines(proc)
     assert "has changed since its LMDB" in line and "add dataset.rebuild=true to the command" in line
@@ -218,7 +234,7 @@ def test_train_py_reports_unreadable_images_in_one_line(tmp_path):
     folder = tmp_path / "images"
     write_demo(folder, 30, grey=True)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    proc = run_train(folder, tmp_path, "dataset.channels=1")
+    proc = run_train(folder, tmp_path, "dataset.channels=1", "debug=fdr")
     assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stderr[-3000:]
     assert "1 of 31 images in" in error_lines(proc)[0] and "broken.png" in error_lines(proc)[0]
 
