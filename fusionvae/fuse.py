@@ -12,7 +12,9 @@ with PIL and converted to the model's channels (L or RGB). They must have the mo
 images of the size of its central crop (e.g. 28x28 digits for the 32x32 MNIST model) are
 zero-padded, and ``--resize`` resizes any other size (bilinear).
 
-``--samples-dir`` also writes the mean image and each sample as its own PNG.
+``--samples-dir`` also writes the mean image and each sample as its own PNG. ``--fit`` makes every
+input as ``dataset=image_folder`` / ``multiview_folder`` store images: centre-cropped to a square
+and area-resized (use it for models trained on them).
 
 Python API: ``fuse(module, views)`` on tensors, ``load_views(paths, module)``, ``fuse_files(...)``.
 """
@@ -125,13 +127,36 @@ def save_png(image: torch.Tensor, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_views(paths: Sequence[str | Path], module: FusionVAEModule, resize: bool = False) -> torch.Tensor:
-    """``[K, C, H, W]`` views for ``module`` from image files (K may be 0)."""
+def fitted_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:
+    """``[C, H, W]`` image in [0, 1] made as ``dataset=image_folder`` / ``multiview_folder`` store
+    theirs: centre-cropped to a square and area-resized (``datamodules.folder_scan.fit_image``)."""
+    from datamodules.folder_scan import UNREADABLE, fit_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        pixels = fit_image(path, image_size, channels)
+    except UNREADABLE as exc:
+        raise BadInputError(
+            f"{path} is not an image file that can be read ({exc.__class__.__name__}); pass PNG or JPEG views"
+        ) from None
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+
+
+def load_views(
+    paths: Sequence[str | Path], module: FusionVAEModule, resize: bool = False, fit: bool = False
+) -> torch.Tensor:
+    """``[K, C, H, W]`` views for ``module`` from image files (K may be 0); ``fit``: centre-crop and
+    area-resize every image (``fitted_image``), else ``load_image``."""
     hp = module.hparams
     if len(paths) > hp.k_max:
         raise ValueError(f"{len(paths)} images given but the model fuses at most k_max={hp.k_max} views")
     channels, size = hp.get("channels", NET_DEFAULTS["channels"]), hp.get("image_size", NET_DEFAULTS["image_size"])
-    images = [load_image(p, channels, size, hp.get("crop", 0), resize) for p in paths]
+    if fit:
+        images = [fitted_image(p, channels, size) for p in paths]
+    else:
+        images = [load_image(p, channels, size, hp.get("crop", 0), resize) for p in paths]
     return torch.stack(images) if images else torch.zeros(0, channels, size, size)
 
 
@@ -186,13 +211,15 @@ def fuse_files(
     seed: int | None = 0,
     decode: str = "sample",
     samples_dir: str | Path | None = None,
+    fit: bool = False,
 ) -> FusionResult:
     """Load ``ckpt``, fuse the image files (a folder: its images) and write the grid (inputs | mean |
     samples) to ``out``, and with ``samples_dir`` the mean image and each sample as PNGs there."""
     if seed is not None:
         torch.manual_seed(seed)
     module = load_model(str(ckpt)).to(device).eval()
-    result = fuse(module, load_views(expand_views(images), module, resize), num_samples, temperature, decode)
+    views = load_views(expand_views(images), module, resize, fit)
+    result = fuse(module, views, num_samples, temperature, decode)
     save_png(result.grid(), Path(out))
     if samples_dir is not None:
         save_png(result.mean, Path(samples_dir) / "mean.png")
@@ -216,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="sample: draw each image from p(y|z); mean: its mean image (default sample)",
     )
     parser.add_argument("--resize", action="store_true", help="resize inputs of another size to the model's size")
+    parser.add_argument(
+        "--fit",
+        action="store_true",
+        help="centre-crop and area-resize every input, as dataset=image_folder / multiview_folder store images",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
@@ -231,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.seed,
             args.decode,
             args.samples_dir,
+            args.fit,
         )
     except (FileNotFoundError, ValueError, FusionVAEError) as err:
         parser.exit(2, f"error: {err}\n")

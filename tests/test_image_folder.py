@@ -261,3 +261,21 @@ def test_fuse_takes_a_scene_folder_and_writes_the_samples(ckpt, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(["--ckpt", str(ckpt), "--out", str(out), str(scene)])
     assert stop.value.code == 2
+
+
+def test_fuse_fit_makes_inputs_as_the_folder_datasets_store_them(ckpt, tmp_path):
+    from fusionvae.evaluate_job import load_model
+    from fusionvae.fuse import load_views, main
+
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    for i in range(2):
+        grey = np.random.default_rng(i).integers(0, 256, (48, 40), dtype=np.uint8)
+        Image.fromarray(grey).save(scene / f"v{i}.png")
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit):  # 40x48 is not the model's 32x32
+        main(["--ckpt", str(ckpt), "--out", str(out), str(scene)])
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--fit", str(scene)]) == out
+    views = load_views(sorted(scene.iterdir()), load_model(str(ckpt)), fit=True)
+    want = torch.from_numpy(fit_image(scene / "v1.png", 32, 1)).permute(2, 0, 1).float() / 255
+    assert views.shape == (2, 1, 32, 32) and torch.equal(views[1], want)
