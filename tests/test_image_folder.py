@@ -279,3 +279,30 @@ def test_fuse_fit_makes_inputs_as_the_folder_datasets_store_them(ckpt, tmp_path)
     views = load_views(sorted(scene.iterdir()), load_model(str(ckpt)), fit=True)
     want = torch.from_numpy(fit_image(scene / "v1.png", 32, 1)).permute(2, 0, 1).float() / 255
     assert views.shape == (2, 1, 32, 32) and torch.equal(views[1], want)
+
+
+def test_experiment_presets_fit_the_model_to_the_images(tmp_path):
+    """experiment=own_images(_small): only the path is needed; the small one repeats FusionMNIST's views."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF
+
+    small = compose_cfg("train", ["experiment=own_images_small", "dataset.path=x"])
+    mnist = OmegaConf.load(CONF / "dataset" / "mnist.yaml")
+    assert all(mnist[k] == v for k, v in small.dataset.corruption.items() if k != "_target_")
+    preset = OmegaConf.load(CONF / "model" / "size" / "mnist.yaml")
+    assert (small.model.channels, small.model.image_size, small.model.num_channels) == (1, 32, preset.num_channels)
+    big = compose_cfg("train", ["experiment=own_images", "dataset.path=x"])
+    assert (big.model.channels, big.model.image_size, big.model.num_latent_scales) == (3, 64, 3)
+
+
+@pytest.mark.slow
+def test_small_preset_trains_one_step(tmp_path):
+    from fusionvae.training import train
+
+    write_demo(tmp_path / "images", 40, grey=True)
+    overrides = ["experiment=own_images_small", f"dataset.path={tmp_path / 'images'}", "debug=fdr", "trainer=cpu"]
+    overrides += ["logger=csv", "dataset.num_workers=0", "dataset.workers=0", "dataset.batch_size=8"]
+    overrides += [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}"]
+    metrics = train(compose_cfg("train", overrides))
+    assert all(np.isfinite(metrics[f"val/nelbo_k{k}"]) for k in range(4))
