@@ -34,10 +34,13 @@ from tests.conftest import ROOT, compose_cfg, save_checkpoint
 STYLE = EllipseWindows(n_ellipses=2, r_low=5, r_high=10, noise_std=0.25)
 
 
-def datamodule(folder: Path, data: Path, **overrides) -> ImageFolderDataModule:
+def dm_settings(folder: Path | None, data: Path) -> dict:
     settings = dict(data_dir=str(data), path=folder and str(folder), channels=1, image_size=32, batch_size=8)
-    settings.update(num_workers=0, workers=0, **overrides)
-    return ImageFolderDataModule(STYLE, **settings)
+    return {**settings, "num_workers": 0, "workers": 0}
+
+
+def datamodule(folder: Path | None, data: Path, **overrides) -> ImageFolderDataModule:
+    return ImageFolderDataModule(STYLE, **{**dm_settings(folder, data), **overrides})
 
 
 def prepared(folder: Path, data: Path, **overrides) -> ImageFolderDataModule:
@@ -130,6 +133,20 @@ def test_other_settings_are_refused_naming_the_field(tmp_path):
     dm = prepared(folder, tmp_path / "data")
     with pytest.raises(LMDBMetadataError, match=r"image_size: stored 32, config expects 16.*dataset.rebuild=true"):
         datamodule(folder, tmp_path / "data", image_size=16, lmdb_dir=str(dm.lmdb_dir)).prepare_data()
+
+
+def test_changed_views_are_refused_and_only_the_views_rebuilt(tmp_path):
+    folder = small_folder(tmp_path)
+    dm = prepared(folder, tmp_path / "data")
+    images_file = os.stat(dm.lmdb_dir / "images" / "data.mdb").st_ino
+    other = EllipseWindows(n_ellipses=3, r_low=5, r_high=10, noise_std=0.25)
+    with pytest.raises(LMDBMetadataError, match=r"valid was generated with .*params.n_ellipses: stored 2"):
+        ImageFolderDataModule(other, **dm_settings(folder, tmp_path / "data")).prepare_data()
+    rebuilt = ImageFolderDataModule(other, **dm_settings(folder, tmp_path / "data"), rebuild=True)
+    rebuilt.prepare_data()
+    rebuilt.setup()
+    assert read_meta(rebuilt.lmdb_dir / "valid")["params"]["n_ellipses"] == 3
+    assert os.stat(dm.lmdb_dir / "images" / "data.mdb").st_ino == images_file  # the images were kept
 
 
 @pytest.mark.parametrize(
