@@ -108,12 +108,12 @@ class FusionDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.workers(),
+            num_workers=self.loader_workers(),
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # page-locking helps only a GPU copy
-            persistent_workers=self.persistent_workers and self.workers() > 0,
+            persistent_workers=self.persistent_workers and self.loader_workers() > 0,
         )
 
-    def workers(self) -> int:
+    def loader_workers(self) -> int:
         """``num_workers``, at most the CPU cores this process may use: more only compete for them
         (and make PyTorch warn)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -101,7 +101,7 @@ def training_dataset(run: Path) -> tuple[str | None, list[str]]:
     hydra_file, overrides_file = run / ".hydra" / "hydra.yaml", run / ".hydra" / "overrides.yaml"
     choice = OmegaConf.load(hydra_file).hydra.runtime.choices.get("dataset") if hydra_file.is_file() else None
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    return choice, [str(o) for o in overrides if str(o).lstrip("+").startswith("dataset.")]
+    return choice, [str(o) for o in overrides if str(o).lstrip("+").startswith(("dataset.", "dataset/"))]
 
 
 def evaluate_on_training_dataset(argv: list[str], config_dir: Path) -> list[str]:
