@@ -101,6 +101,7 @@ def test_init_checks_and_hparams():
         seed=0,
         compile=False,
         compile_mode="default",
+        aggregation_level="features",  # always recorded: a checkpoint without it is a legacy one
         **TINY,
     )
     m = module(optim={"lr": 0.5}, loss={"power_iter_init": 7, "power_iter": 3})
@@ -409,21 +410,22 @@ def test_eval_step_logs_per_k_and_mean(step, prefix):
     torch.manual_seed(0)
     with torch.no_grad():
         getattr(m, step)(batch(b=2), 0)
-    calls = m.log.calls
-    assert [c[0][0] for c in calls] == [
-        f"{prefix}/nelbo_k0",
-        f"{prefix}/nelbo_k1",
-        f"{prefix}/nelbo_k2",
-        f"{prefix}/nelbo",
+    per_k, calls = m.log_dict.calls, m.log.calls  # per K: NELBO and the fusion diagnostic; then the mean
+    assert [sorted(c[0][0]) for c in per_k] == [
+        sorted([f"{prefix}/nelbo_k{k}", f"{prefix}/kl_k{k}", f"{prefix}/prior_sigma_k{k}"]) for k in range(3)
     ]
-    for _, kw in calls[:-1]:
+    assert [c[0][0] for c in calls] == [f"{prefix}/nelbo"]
+    for _, kw in per_k:
         assert kw == dict(sync_dist=True, batch_size=2)
     assert calls[-1][1] == dict(sync_dist=True, prog_bar=True, batch_size=2)
-    torch.testing.assert_close(calls[-1][0][1], torch.stack([c[0][1] for c in calls[:-1]]).mean())
+    nelbos = [c[0][0][f"{prefix}/nelbo_k{k}"] for k, c in enumerate(per_k)]
+    torch.testing.assert_close(calls[-1][0][1], torch.stack(nelbos).mean())
     torch.manual_seed(0)
     with torch.no_grad():
-        t = m.terms(batch(b=2), 0)
-    torch.testing.assert_close(calls[0][0][1], m.units(t.nelbo, t.target).mean())
+        t = m.terms(batch(b=2), 0, prior_sigma=True)
+    torch.testing.assert_close(nelbos[0], m.units(t.nelbo, t.target).mean())
+    torch.testing.assert_close(per_k[0][0][0][f"{prefix}/kl_k0"], m.units(t.kl.sum(1), t.target).mean())
+    torch.testing.assert_close(per_k[0][0][0][f"{prefix}/prior_sigma_k0"], t.prior_sigma.mean())
 
 
 # ---- checkpoint hooks -----------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
         [
             "-m",
             "model.aggregation=max,bayes",
+            "model.aggregation_level=params",  # bayes combines distributions
             *[o for o in TINY if not o.startswith("logger")],
             "logger=wandb",
             *SHORT,
