@@ -140,7 +140,7 @@ def figures(models: dict[str, list], data: dict[str, dict], ks, work: Path, fig_
         series.setdefault(row["run"], []).append({k: v for k, v in row.items() if k != "run"})
         errors.setdefault(row["run"], []).append({"K": row["K"], **{m: s / n**0.5 for m, s in sd.items()}})
     first = data[next(iter(models.values()))[0].name]
-    plot = plot_metrics_vs_k(series, fig_dir / f"{stem}.png", first.get("units"), errors, first.get("items"))
+    plot = plot_metrics_vs_k(series, fig_dir / f"{stem}.png", first.get("units"), errors)  # bars: not item errors
     lines = [f"![{stem}](results/{plot.name})\n\nMeans over seeds; bars: between-seed standard error.\n"]
     for model, runs in models.items():
         for k in GRID_KS:
@@ -224,7 +224,7 @@ def write_page(runs, work: Path, out: Path, facts: dict) -> Path:
         "\n## Does each added view help?\n\nPaired over items and seeds, K = a minus K = b (for PSNR: b minus a); "
         "the fusion diagnostic is the KL of the posterior to the prior, summed over the latent groups, and the "
         "prior's mean sigma: if the views inform the prior, both fall as K grows.\n\n",
-        view_section({**groups["comparison"], **groups["skips"]}, data),
+        view_section(models, data),
     ]
     if REFERENCE in models and len(models) > 1:
         generated += ["\n## FusionVAE against the other models, per K\n\n", comparison_section(models, data, ks)]
