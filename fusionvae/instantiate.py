@@ -70,9 +70,20 @@ def check_settings(cfg: DictConfig) -> None:
     clip = cfg.trainer.get("gradient_clip_val")
     if clip is not None and not _at_least_zero(clip):  # -1 ("off" elsewhere) would reverse every gradient
         raise BadInputError(f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}")
+    if not _whole(cfg.get("seed"), 0):
+        raise BadInputError(f"seed must be a whole number >= 0, got {cfg.get('seed')!r}")
+    for key in ("batch_size", "val_batch_size"):
+        value = cfg.dataset.get(key)
+        if not (_whole(value, 1) or (key == "val_batch_size" and value is None)):
+            raise BadInputError(f"dataset.{key} must be a whole number >= 1, got {value!r}")
     if "model" in cfg:
         optim = cfg.model.get("optim")
         OptimSettings.from_dict(OmegaConf.to_container(optim, resolve=True) if optim is not None else None)
+
+
+def _whole(value, low: int) -> bool:
+    """An int (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _at_least_zero(value) -> bool:

@@ -40,6 +40,8 @@ class OptimSettings:
                     f"model.optim.{name} must be a finite number {bound}, got {value!r} "
                     f"(the default is model.optim.{name}={getattr(type(self), name)})"
                 )
+        if self.lr_min > self.lr:  # the cosine would end above where it starts
+            raise BadInputError(f"model.optim.lr_min ({self.lr_min}) must be <= model.optim.lr ({self.lr})")
 
     @classmethod
     def from_dict(cls, values: dict | None, key: str = "model.optim") -> OptimSettings:

@@ -34,6 +34,10 @@ def _cfg(tmp_path: Path, *overrides: str):
         ("trainer.gradient_clip_val=abc", CLIP + "abc"),
         ("model.optim.lr=-0.01", LR + "-0.01 (the default is model.optim.lr=0.01)"),
         ("model.optim.lr=nan", LR + "nan (the default is model.optim.lr=0.01)"),
+        ("seed=abc", "seed must be a whole number >= 0, got 'abc'"),
+        ("dataset.val_batch_size=0", "dataset.val_batch_size must be a whole number >= 1, got 0"),
+        ("dataset.batch_size=-4", "dataset.batch_size must be a whole number >= 1, got -4"),
+        ("model.optim.lr_min=0.5", "model.optim.lr_min (0.5) must be <= model.optim.lr (0.01)"),
         (
             "model.optim.lr_min=-1",
             "model.optim.lr_min must be a finite number >= 0, got -1 (the default is model.optim.lr_min=0.0001)",
