@@ -22,7 +22,6 @@ Python API: ``fuse(module, views)`` on tensors, ``load_views(paths, module)``, `
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,10 +34,8 @@ from torchvision.utils import save_image
 from .errors import BadInputError, FusionVAEError
 from .evaluate_job import load_model
 from .lit_module import FusionVAEModule
-from .network import FusionVAE
+from .network import NET_DEFAULTS
 from .sampling import draw, input_columns, mean_image, render_grid
-
-NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 
 
 @dataclass

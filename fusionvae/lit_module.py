@@ -7,8 +7,6 @@ owns the skip policy for non-finite steps.
 
 from __future__ import annotations
 
-import inspect
-
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -18,7 +16,7 @@ from datamodules.sampling import mix
 from .compile import compile_network
 from .errors import TooManySkippedSteps
 from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
-from .network import FusionVAE
+from .network import NET_DEFAULTS, FusionVAE
 from .objective import (
     LossSettings,
     Terms,
@@ -58,7 +56,7 @@ class FusionVAEModule(L.LightningModule):
             raise ValueError(f"model.crop must be >= 0, got {crop}")
         # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses).
         # aggregation_level always: a checkpoint without it is one written before it existed (resume.legacy_overrides)
-        net = {"aggregation_level": inspect.signature(FusionVAE).parameters["aggregation_level"].default, **net}
+        net = {"aggregation_level": NET_DEFAULTS["aggregation_level"], **net}
         self.save_hyperparameters(
             dict(
                 optim=optim,

@@ -13,6 +13,7 @@ t = sampling temperature; s = decoder state.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -237,6 +238,11 @@ class FusionVAE(nn.Module):
         if add:
             return s + pool_features(skips, mode)
         return pool_features(torch.cat([s.unsqueeze(1), skips], dim=1), mode)
+
+
+# the network's defaults, written once (in the signature above), for readers of checkpoint
+# hyperparameters that may lack a key
+NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 
 
 class _LatentStats:

@@ -7,7 +7,6 @@ and the fix (``fusionvae.errors``).
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checksums import verify_checksum
 from .errors import CheckpointError, CheckpointNotFoundError
-from .network import FusionVAE
+from .network import NET_DEFAULTS
 from .run_args import run_dir_of
 
-NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
 # model keys that may change on resume: they do not change the weights' shapes or meaning
 _NOT_ARCHITECTURE = {
     "_target_",
