@@ -133,12 +133,12 @@ def figures(models: dict[str, list], data: dict[str, dict], ks, work: Path, fig_
     """The metric-vs-K plot (means over seeds, bars: between-seed standard error) and each model's
     labelled K = 1, 3 grids of its first seed, copied into ``fig_dir``; markdown lines."""
     fig_dir.mkdir(parents=True, exist_ok=True)
-    rows, sds = seed_rows(models, data, ks, PLOTTED)
     series, errors = {}, {}
-    for row, sd in zip(rows, sds):
-        n = len(models[row["run"].split(" (")[0]])
-        series.setdefault(row["run"], []).append({k: v for k, v in row.items() if k != "run"})
-        errors.setdefault(row["run"], []).append({"K": row["K"], **{m: s / n**0.5 for m, s in sd.items()}})
+    for model, runs in models.items():
+        rows, sds = seed_rows({model: runs}, data, ks, PLOTTED)
+        label, n = rows[0]["run"], len(runs)
+        series[label] = [{k: v for k, v in row.items() if k != "run"} for row in rows]
+        errors[label] = [{"K": row["K"], **{m: s / n**0.5 for m, s in sd.items()}} for row, sd in zip(rows, sds)]
     first = data[next(iter(models.values()))[0].name]
     plot = plot_metrics_vs_k(series, fig_dir / f"{stem}.png", first.get("units"), errors)  # bars: not item errors
     lines = [f"![{stem}](results/{plot.name})\n\nMeans over seeds; bars: between-seed standard error.\n"]
