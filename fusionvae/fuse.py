@@ -16,12 +16,15 @@ zero-padded, and ``--resize`` resizes any other size (bilinear).
 input as ``dataset=image_folder`` / ``multiview_folder`` store images: centre-cropped to a square
 and area-resized (use it for models trained on them).
 
+``--temperature`` t >= 0 scales the prior's standard deviations (t = 0: z = the prior means, the
+samples differ only by the pixel noise of p(y | z)); ``--samples 0``: inputs and mean image only. Bad
+arguments (also a ``--device`` this machine lacks) are refused in one line before anything is loaded.
+
 Python API: ``fuse(module, views)`` on tensors, ``load_views(paths, module)``, ``fuse_files(...)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from torchvision.utils import save_image
 
 from .errors import BadInputError, FusionVAEError
 from .evaluate_job import load_model
+from .fuse_args import DEVICES, MAX_SEED, ArgumentParser, arg_type, check_device, check_temperature, whole
 from .lit_module import FusionVAEModule
 from .network import NET_DEFAULTS
 from .sampling import draw, input_columns, mean_image, render_grid
@@ -181,6 +185,7 @@ def fuse(
     takes the likelihood's mean image for each z."""
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    temperature = check_temperature(temperature)
     if views.dim() != 4:
         raise ValueError(f"views must be [K, C, H, W], got {tuple(views.shape)}")
     check_views(module, views)
@@ -212,8 +217,10 @@ def fuse_files(
 ) -> FusionResult:
     """Load ``ckpt``, fuse the image files (a folder: its images) and write the grid (inputs | mean |
     samples) to ``out``, and with ``samples_dir`` the mean image and each sample as PNGs there."""
+    device = check_device(device)  # before anything is loaded
+    check_temperature(temperature)
     if seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(whole(seed, "seed", 0, MAX_SEED))
     module = load_model(str(ckpt)).to(device).eval()
     views = load_views(expand_views(images), module, resize, fit)
     result = fuse(module, views, num_samples, temperature, decode)
@@ -226,13 +233,23 @@ def fuse_files(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m fusionvae.fuse", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m fusionvae.fuse", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", help="0..k_max input views: image files, or a scene folder of them")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (<run>/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="grid image file to write (e.g. grid.png)")
     parser.add_argument("--samples-dir", help="also write mean.png and sample_<i>.png to this folder")
-    parser.add_argument("--samples", type=int, default=8, help="number of fused samples (default 8)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="prior temperature of the samples (default 1)")
+    parser.add_argument(
+        "--samples",
+        type=arg_type(whole, "--samples", 0),
+        default=8,
+        help="number of fused samples (default 8; 0: the inputs and the mean image only)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=arg_type(check_temperature),
+        default=1.0,
+        help="prior temperature of the samples: a finite number >= 0 (default 1; 0: z = the prior means)",
+    )
     parser.add_argument(
         "--decode",
         choices=("sample", "mean"),
@@ -245,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         action="store_true",
         help="centre-crop and area-resize every input, as dataset=image_folder / multiview_folder store images",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", type=arg_type(check_device), default="cpu", help=f"{DEVICES} (default cpu)")
+    parser.add_argument(
+        "--seed", type=arg_type(whole, "--seed", 0, MAX_SEED), default=0, help="random seed (default 0)"
+    )
     args = parser.parse_args(argv)
     try:
         fuse_files(
@@ -263,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.fit,
         )
     except (FileNotFoundError, ValueError, FusionVAEError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {args.out}" + (f" and the samples in {args.samples_dir}" if args.samples_dir else ""))
     return Path(args.out)
