@@ -36,6 +36,11 @@ def _write_durably(path: Path, write, before_replace=None) -> None:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+    except Exception as err:  # torch.save reports a full disk as a RuntimeError: name the file
+        os_error = err if isinstance(err, OSError) else err.__context__
+        if isinstance(os_error, OSError) and os_error.errno and not os_error.filename:
+            raise OSError(os_error.errno, os.strerror(os_error.errno), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 
 from .errors import reported
 from .launcher import size_launcher
-from .run_args import evaluate_on_training_dataset, resume_in_place
+from .run_args import check_command_line, evaluate_on_training_dataset, resume_in_place
 
 
 def config_dir() -> Path:
@@ -27,29 +28,43 @@ CONF = config_dir()
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
 def train_job(cfg: DictConfig) -> float | None:
+    from .preflight import unused_run_folder_removed
     from .training import train  # here, not above: `--help` and `--cfg` answer without importing Lightning
 
-    with reported():
+    with reported(), unused_run_folder_removed():
         return train(cfg).get("val/nelbo")  # the objective Hydra sweepers minimise
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="evaluate")
 def evaluate_job(cfg: DictConfig) -> dict:
     from .evaluate_job import run_evaluation  # as in train_job
+    from .preflight import unused_run_folder_removed
 
-    with reported():
+    with reported(), unused_run_folder_removed():
         return run_evaluation(cfg)
+
+
+def quiet_logging_failures() -> None:
+    """A log file that cannot be written (full disk) must not print a traceback per log line: the
+    run's one ``error:`` line says what failed (the setting Python's logging docs advise for
+    applications)."""
+    logging.raiseExceptions = False
 
 
 def train_main() -> None:
     """``fusionvae-train`` / ``python train.py``: resume in the checkpoint's run folder, size a SLURM
     launcher from the trainer, then train."""
+    quiet_logging_failures()
     with reported():
+        check_command_line(sys.argv, CONF, "train")
         sys.argv = size_launcher(resume_in_place(sys.argv, CONF), CONF)
     train_job()
 
 
 def evaluate_main() -> None:
     """``fusionvae-evaluate`` / ``python evaluate.py``: on the checkpoint's training dataset."""
+    quiet_logging_failures()
+    with reported():
+        check_command_line(sys.argv, CONF, "evaluate")
     sys.argv = evaluate_on_training_dataset(sys.argv, CONF)
     evaluate_job()

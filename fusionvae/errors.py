@@ -8,6 +8,7 @@ built-in type a caller would expect (FileNotFoundError, ValueError, ...).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -62,8 +63,8 @@ class RunFolderInUseError(FusionVAEError, FileExistsError):
 
 @contextmanager
 def reported(prefix: str = "error"):
-    """Turn a ``FusionVAEError``, a missing file or a stale / damaged LMDB into one line on stderr
-    and ``sys.exit(exit_code)``.
+    """Turn an error the user can fix (``user_error``) into one line on stderr and
+    ``sys.exit(exit_code)``.
 
     With ``HYDRA_FULL_ERROR=1`` errors propagate with their traceback; a preemption always
     exits with its code (it is not a failure of the code)."""
@@ -73,15 +74,59 @@ def reported(prefix: str = "error"):
         print(f"{stop.prefix}: {stop}", file=sys.stderr, flush=True)
         _to_log_files(f"{stop.prefix}: {stop}")
         sys.exit(stop.exit_code)
-    except (FusionVAEError, FileNotFoundError, *_data_errors()) as err:
-        _to_log_files(f"{prefix}: {err}")
+    except Exception as err:
+        fixable = user_error(err)
+        if fixable is None:  # a bug: Hydra prints the traceback; keep it in the run's log file too
+            _to_log_files(f"{prefix}: unexpected failure\n{traceback.format_exc()}")
+            raise
+        _to_log_files(f"{prefix}: {fixable}")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prefix}: {err}", file=sys.stderr, flush=True)
-        sys.exit(getattr(err, "exit_code", 1))
-    except Exception:  # a bug: Hydra prints the traceback; keep it in the run's log file too
-        _to_log_files(f"{prefix}: unexpected failure\n{traceback.format_exc()}")
-        raise
+        print(f"{prefix}: {fixable}", file=sys.stderr, flush=True)
+        sys.exit(getattr(fixable, "exit_code", 1))
+
+
+# the OS errors of writing files that the user fixes, not the code, and how
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space (disk quota) there",
+    errno.EROFS: "",
+    errno.EACCES: "make it writable",
+    errno.ENOTDIR: "a file stands where a folder belongs",
+}
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error a user can fix behind ``err``, or None for a bug: ``err`` itself (a
+    ``FusionVAEError``, a missing file, a stale or damaged LMDB, an unusable image folder), the
+    cause Hydra wrapped in an ``InstantiationException``, or a ``WriteError`` for a full disk or
+    read-only folder found anywhere in the chain (``torch.save`` turns ENOSPC into a RuntimeError)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, (FusionVAEError, FileNotFoundError, *_data_errors())):
+        return err
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return user_error(err.__cause__)
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_FIXES:
+            return WriteError(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class WriteError(FusionVAEError, OSError):
+    """A run cannot write its files: full disk, read-only folder, a file where a folder belongs."""
+
+    def __init__(self, err: OSError, where=None):
+        where = err.filename or where
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        fix = _WRITE_FIXES.get(err.errno, "check that folder")
+        super().__init__(
+            f"{f'cannot write {where}' if where else 'a file write failed'}: {reason}; "
+            f"{fix + ', or ' if fix else ''}point paths.log_dir "
+            f"(FUSIONVAE_LOG_DIR) at another disk (a started run resumes with ckpt_path=last)"
+        )
 
 
 def _to_log_files(message: str) -> None:

@@ -20,6 +20,7 @@ from .bn_readjust import readjust_bn
 from .errors import BadInputError
 from .evaluation import EvalSettings, Evaluator
 from .instantiate import build, finish
+from .preflight import check_settings
 from .lit_module import FusionVAEModule
 from .malloc import keep_freed_memory
 from .objective import k_range, split_views
@@ -78,6 +79,7 @@ def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
 def run_evaluation(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` per K; write metrics.{json,csv,md}, metrics_vs_k.png and grids to
     ``cfg.paths.output_dir``; return ``{K: {metric: mean}}``."""
+    check_settings(cfg)
     settings = EvalSettings.from_cfg(cfg.get("eval"))
     keep_freed_memory()  # 1.8x faster on the CPU (fusionvae/malloc.py)
     ckpt_path, model = checkpoint_to_evaluate(cfg)

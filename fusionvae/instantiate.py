@@ -13,8 +13,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import BadInputError
-from .optim import OptimSettings
 
 
 def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
@@ -59,41 +57,9 @@ def resolve_precision(accelerator, precision):
     return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse trainer / optimiser values that would train silently wrong, before any data work and
-    outside Hydra's instantiate (which would wrap the one-line error in a traceback)."""
-    if (cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
-        raise BadInputError(
-            "trainer.accumulate_grad_batches is not supported (the model steps its optimiser itself): "
-            "raise dataset.batch_size, or use more devices (trainer.devices) for a larger batch"
-        )
-    clip = cfg.trainer.get("gradient_clip_val")
-    if clip is not None and not _at_least_zero(clip):  # -1 ("off" elsewhere) would reverse every gradient
-        raise BadInputError(f"trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got {clip}")
-    if not _whole(cfg.get("seed"), 0):
-        raise BadInputError(f"seed must be a whole number >= 0, got {cfg.get('seed')!r}")
-    for key in ("batch_size", "val_batch_size"):
-        value = cfg.dataset.get(key)
-        if not (_whole(value, 1) or (key == "val_batch_size" and value is None)):
-            raise BadInputError(f"dataset.{key} must be a whole number >= 1, got {value!r}")
-    if "model" in cfg:
-        optim = cfg.model.get("optim")
-        OptimSettings.from_dict(OmegaConf.to_container(optim, resolve=True) if optim is not None else None)
-
-
-def _whole(value, low: int) -> bool:
-    """An int (not a bool) >= ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _at_least_zero(value) -> bool:
-    """A number >= 0 (False for NaN, strings and booleans)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-
-
 def build(cfg: DictConfig, wandb_id: str | None = None):
-    """Datamodule (training order and randomness from ``cfg.seed``), model and trainer."""
-    check_settings(cfg)
+    """Datamodule (training order and randomness from ``cfg.seed``), model and trainer, from a config
+    that ``fusionvae.preflight.check_settings`` accepted."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset, seed=cfg.seed)
     model = instantiate(cfg.model) if "model" in cfg else None

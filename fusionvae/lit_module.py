@@ -37,6 +37,8 @@ class FusionVAEModule(L.LightningModule):
     (numbers, strings, dicts of them), saved as hyperparameters so that checkpoints load with
     Lightning's default ``weights_only=True``."""
 
+    kwargs_go_to = FusionVAE  # what ``**net`` accepts (fusionvae.settings.declared_arguments)
+
     def __init__(
         self,
         optim: dict | None = None,

@@ -11,11 +11,12 @@ benchmarks all compute.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from .distributions import Likelihood
+from .settings import settings_from_dict
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,6 @@ class LossSettings:
     @classmethod
     def from_dict(cls, values: dict | None, key: str = "model.loss") -> LossSettings:
         return settings_from_dict(cls, values, key)
-
-
-def settings_from_dict(cls, values: dict | None, key: str):
-    """``cls(**values)``, refusing keys ``cls`` does not have (a typo must not be ignored)."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values or {}) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s) {', '.join(f'{key}.{u}' for u in unknown)}; known: {', '.join(sorted(names))}"
-        )
-    return cls(**(values or {}))
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadInputError
-from .objective import settings_from_dict
+from .settings import settings_from_dict
 
 # (setting, a value the optimiser can use, the bound in words): checked up front because a bad
 # one trains silently wrong (lr <= 0 walks uphill) or fails only after the data is prepared

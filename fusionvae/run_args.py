@@ -4,13 +4,15 @@ training dataset. No torch here: ``train.py --help`` must answer without importi
 
 from __future__ import annotations
 
+import difflib
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .errors import CheckpointNotFoundError
+from .errors import BadInputError, CheckpointNotFoundError
 
 LAST = "last"  # ckpt_path=last: the newest <log_dir>/<task_name>/runs/*/checkpoints/last.ckpt
 
@@ -131,3 +133,49 @@ def evaluate_on_training_dataset(argv: list[str], config_dir: Path) -> list[str]
             f"takes the dataset from the checkpoint's run) or evaluate a checkpoint trained on it"
         )
     return [argv[0], f"dataset={choice}", *settings, *[a for a in args if not a.startswith("dataset=")]]
+
+
+def check_command_line(argv: list[str], config_dir: Path, config_name: str) -> None:
+    """Refuse, in one line and before Hydra starts, what Hydra would answer with a traceback or
+    accept without a word: a config group set to ``null``, a top-level key no config has
+    (``+foo=1``), and a log folder that is a file."""
+    groups = {p.name for p in config_dir.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    known = {*_top_level_keys(config_dir / f"{config_name}.yaml"), *groups, "hydra"}
+    for arg in argv[1:]:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        name = key.lstrip("+~").split(".")[0].split("/")[0].split("@")[0]
+        if key.lstrip("+~") in groups and value.strip() in ("null", "None"):
+            fix = f"{name}=none" if (config_dir / name / "none.yaml").is_file() else f"~{name}"
+            raise BadInputError(f"{arg}: a config group takes an option, not null; use {fix} to run without one")
+        if name not in known:
+            hint = difflib.get_close_matches(name, sorted(known), n=1)
+            maybe = f" (did you mean {hint[0]}?)" if hint else ""
+            raise BadInputError(
+                f"{arg}: {config_name}.py has no setting {name}{maybe}; python {config_name}.py --cfg job lists them"
+            )
+    _check_log_dir(argv)
+
+
+def _top_level_keys(config_file: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return [str(k) for k in OmegaConf.load(config_file) if k != "defaults"]
+
+
+def _check_log_dir(argv: list[str]) -> None:
+    """``FUSIONVAE_LOG_DIR`` / ``paths.log_dir=`` / ``hydra.run.dir=`` must not name or lie below a
+    file (Hydra would fail making the run folder, with a traceback)."""
+    given = [("FUSIONVAE_LOG_DIR", os.environ.get("FUSIONVAE_LOG_DIR"))]
+    given += [tuple(a.lstrip("+").split("=", 1)) for a in argv[1:] if a.lstrip("+").startswith(_FOLDER_KEYS)]
+    for key, value in given:
+        if not value or "$" in value:  # unset, or an interpolation Hydra resolves
+            continue
+        path = Path(value.strip("'\"")).expanduser()
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise BadInputError(f"{key}={value}: {blocker} is a file, not a folder; point {key} at a folder")
+
+
+_FOLDER_KEYS = ("paths.log_dir=", "hydra.run.dir=", "hydra.sweep.dir=")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -9,11 +10,14 @@ from omegaconf import DictConfig
 
 from .errors import Preempted
 from .instantiate import build, finish
+from .preflight import check_settings, check_writable
 from .resilience import stop_outside_training
 from .resume import check_dataset, check_model, check_resumable, read_checkpoint
 from .run_args import resolve_ckpt_path
 from .run_lock import run_lock
 from .run_log import log_end, log_start
+
+log = logging.getLogger(__name__)
 
 
 def resume_from(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -36,6 +40,8 @@ def train(cfg: DictConfig) -> dict:
     Raises ``Preempted`` after SIGTERM / SIGUSR1 / SIGINT (checkpoint saved by ``RunGuard``), and
     ``RunFolderInUseError`` while another job trains in ``paths.output_dir`` (``fusionvae.run_lock``)."""
     with stop_outside_training():
+        check_settings(cfg)
+        check_writable(cfg)
         ckpt_path, wandb_id = resume_from(cfg)
         datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
         # locked before any logger starts: a refused job must not join the running job's W&B run
@@ -53,7 +59,17 @@ def _fit(cfg: DictConfig, trainer, model, datamodule, ckpt_path: str | None) -> 
             raise Preempted(signal.SIGTERM, trainer.global_step, None) from None
         log_end(trainer)
         if cfg.get("test"):
-            trainer.test(model, datamodule=datamodule, ckpt_path="best")
+            trainer.test(model, datamodule=datamodule, ckpt_path=weights_to_test(trainer))
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
     finally:
         finish(trainer)
+
+
+def weights_to_test(trainer) -> str | None:
+    """``test=true`` tests the best checkpoint; without one (``debug=fdr`` writes none, nor does
+    ``callbacks=none``) the weights in memory, and says so."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "best_model_path", ""):
+        return "best"
+    log.info("test=true: no best checkpoint was written (debug=fdr or no checkpoint callback); testing the final weights")
+    return None

@@ -117,8 +117,8 @@ def test_none_options_disable_loggers_and_callbacks():
 
 def test_gradient_accumulation_is_refused_in_one_line_before_any_work():
     from fusionvae.errors import BadInputError
-    from fusionvae.instantiate import build
+    from fusionvae.preflight import check_settings
 
     cfg = compose_cfg("train", ["+trainer.accumulate_grad_batches=2", "trainer=cpu"])
     with pytest.raises(BadInputError, match=r"accumulate_grad_batches is not supported .* raise dataset.batch_size"):
-        build(cfg)
+        check_settings(cfg)
