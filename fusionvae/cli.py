@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import reported
 from .launcher import size_launcher
@@ -24,6 +24,21 @@ def config_dir() -> Path:
 
 
 CONF = config_dir()
+
+
+def config_groups(config_dir: Path = CONF) -> str:
+    """``--help``'s group list (Hydra's format): every group below ``config_dir`` but Hydra's own,
+    with its options; shared partials (``dataset/_loader``, ``eval/_rgb64``) are not options."""
+    lines = []
+    for group in sorted(p for p in config_dir.rglob("*") if p.is_dir() and p.name != "__pycache__"):
+        name = group.relative_to(config_dir).as_posix()
+        options = sorted(f.stem for f in group.glob("*.yaml") if not f.stem.startswith("_"))
+        if options and not (name == "hydra" or name.startswith("hydra/")):
+            lines.append(f"{name}: {', '.join(options)}\n")
+    return "".join(lines)
+
+
+OmegaConf.register_new_resolver("fusionvae_config_groups", lambda: config_groups(), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
