@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from .run_name import run_name
 
 
 def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
@@ -30,15 +31,15 @@ def build_list(cfg: DictConfig | None, wandb: dict | None = None) -> list:
 
 
 def wandb_identity(cfg: DictConfig, wandb_id: str | None = None) -> dict:
-    """W&B run name, group and id of this job: the name is ``run_name`` or else the command-line
-    overrides (Hydra's override_dirname, e.g. ``model=cvae,seed=1``) or else ``task_name``; the
-    group is one per sweep (``<task_name>-<sweep folder>``), ``task_name`` for a single run; a
-    resumed run continues its W&B run ``wandb_id``."""
+    """W&B run name, group and id of this job: the name is ``run_name`` or else the short override
+    name (``fusionvae.run_name``: a sweep's varying keys, e.g. ``model=cvae,seed=1``) or else
+    ``task_name``; the group is one per sweep (``<task_name>-<sweep folder>``), ``task_name`` for a
+    single run; a resumed run continues its W&B run ``wandb_id``."""
     task = str(cfg.get("task_name") or "run")
     overrides, group = "", task
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        overrides = hydra_cfg.job.override_dirname
+        overrides = run_name(hydra_cfg)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             group = f"{task}-{Path(hydra_cfg.sweep.dir).name}"
     identity = {"name": cfg.get("run_name") or overrides or task, "group": group}
