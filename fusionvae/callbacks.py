@@ -1,7 +1,10 @@
-"""Lightning callbacks: image grids to disk and to the attached loggers."""
+"""Lightning callbacks: image grids to disk and to the attached loggers; a logging interval that
+gives a short run its training curves."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -43,3 +46,25 @@ class ImageGrids(L.Callback):
             grid = fusion_grid(nets, views, target, batch.shape[1] - 1)
             save_image(grid, out_dir / f"grid_k{k}_epoch{trainer.current_epoch:04d}.png")
             log_images(trainer.loggers, f"images/grid_k{k}", grid, trainer.global_step)
+
+
+class LogInterval(L.Callback):
+    """Training curves also for a short run: ``trainer.log_every_n_steps`` (50) becomes at most
+    (training steps / ``points``), at least 1, so a run logs its training metrics at >= ``points``
+    steps when it has that many (a 2-step run: at both). Metrics still reach the loggers only at
+    those logging steps (no extra host syncs in between); long runs keep the trainer's interval."""
+
+    def __init__(self, points: int = 20):
+        if points < 1:
+            raise ValueError(f"callbacks.log_interval.points must be >= 1, got {points}")
+        self.points = int(points)
+
+    def setup(self, trainer, pl_module, stage):
+        # Lightning's "fewer training batches than the logging interval" warning comes before
+        # on_fit_start (the optimiser's schedule reads the step count); the interval is set there
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+
+    def on_fit_start(self, trainer, pl_module):
+        steps = trainer.estimated_stepping_batches
+        if trainer.log_every_n_steps > 0 and math.isfinite(steps):
+            trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, int(steps) // self.points))

@@ -70,7 +70,8 @@ class FusionVAEModule(L.LightningModule):
                 compile=compile,
                 compile_mode=compile_mode,
                 **net,
-            )
+            ),
+            logger=False,  # in checkpoints only: loggers get the whole config once (fusionvae.run_log), not these twice
         )
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)

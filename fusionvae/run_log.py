@@ -4,19 +4,27 @@ the start, and the best validation NELBO with its checkpoint and a per-K table a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("fusionvae")
+_REPEAT = re.compile(r"\$\{[\w.\[\]-]+\}")  # ${key}: another key's value (not ${resolver:...})
 
 
 def run_hyperparameters(cfg: DictConfig, model, trainer=None) -> dict:
-    """The resolved config (dataset, model, trainer, seed, ...) plus parameter counts, flat enough
-    for every logger; the ``hydra`` and ``paths`` nodes are left out, and the trainer's chosen
-    precision and device count replace ``auto``."""
-    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    config = {k: v for k, v in config.items() if k not in ("hydra", "paths")}
+    """The resolved config (dataset, model, trainer, seed, paths, ...) plus parameter counts, each
+    setting once and no absolute path: a key that only repeats another (``model.seed: ${seed}``,
+    ``dataset.data_dir: ${paths.data_dir}``) is left to that key, paths are relative to the working
+    directory, and the ``hydra`` node is left out. The trainer's chosen precision and device count
+    replace ``auto``."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    config = _without_repeats(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), raw)
+    config = _relative_paths({k: v for k, v in config.items() if k != "hydra"})
     if trainer is not None and isinstance(config.get("trainer"), dict):
         config["trainer"].update(
             precision=str(trainer.precision),
@@ -26,6 +34,28 @@ def run_hyperparameters(cfg: DictConfig, model, trainer=None) -> dict:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {**config, "params": {"total": params, "trainable": trainable}}
+
+
+def _without_repeats(resolved, raw):
+    """``resolved`` less the entries whose unresolved value is a bare ``${other.key}``."""
+    if isinstance(resolved, dict) and isinstance(raw, dict):
+        return {
+            k: _without_repeats(v, raw.get(k))
+            for k, v in resolved.items()
+            if not (isinstance(raw.get(k), str) and _REPEAT.fullmatch(raw[k]))
+        }
+    return resolved
+
+
+def _relative_paths(value):
+    """Every absolute path string in ``value`` relative to the working directory."""
+    if isinstance(value, dict):
+        return {k: _relative_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value)
+    return value
 
 
 def log_start(cfg: DictConfig, trainer, model) -> None:
@@ -58,6 +88,34 @@ def summary(trainer) -> str:
 
 
 def log_end(trainer) -> None:
+    """The summary to train.log and ``result.json`` to the run folder (rank zero)."""
+    if not trainer.is_global_zero:
+        return
     text = summary(trainer)
-    if text and trainer.is_global_zero:
+    if text:
         log.info("%s", text)
+    write_result(trainer)
+
+
+def write_result(trainer) -> Path:
+    """``result.json`` in the run folder (``trainer.default_root_dir``), what a sweep's summary
+    reads (``fusionvae.sweep_summary``): the checkpoint callback's best score, its monitor and
+    checkpoint (relative to the folder), the step, and the last value of every ``val/`` metric."""
+    root = Path(trainer.default_root_dir)
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None)
+    path = getattr(callback, "best_model_path", "")
+    result = {
+        "best": {
+            "monitor": getattr(callback, "monitor", None),
+            "score": None if score is None else float(score),
+            "checkpoint": os.path.relpath(path, root) if path else None,
+        },
+        "global_step": int(trainer.global_step),
+        "last": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, root / "result.json")
+    return root / "result.json"
