@@ -112,16 +112,21 @@ def run_cli(args, tmp_path, timeout=600):
 
 
 def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
+    """Two jobs (W&B and CSV, 2 training steps, the trainer's default logging interval): one W&B run
+    each, named by the key the sweep varies; training curves from the first step; each setting
+    logged once and no absolute path; the sweep ends with its summary table."""
     sweep = tmp_path / "sweep"
-    run_cli(
+    proc = run_cli(
         [
             "-m",
             "model.aggregation=max,bayes",
             "model.aggregation_level=params",  # bayes combines distributions
             *[o for o in TINY if not o.startswith("logger")],
-            "logger=wandb",
-            *SHORT,
-            "trainer.limit_train_batches=1",
+            "logger=many",
+            "logger.tensorboard=null",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
             f"paths.data_dir={data_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
@@ -139,6 +144,52 @@ def test_multirun_sweep_gives_one_wandb_run_per_job(data_dir, tmp_path):
     assert all(f"train-{sweep.name}".encode() in rec for rec in records)
     for rec, name in zip(records, ("model.aggregation=max", "model.aggregation=bayes")):
         assert bytes([len(name)]) + name.encode() in rec
+    for job in jobs:
+        logged_once_without_absolute_paths(job / "csv" / "version_0", data_dir)
+        steps = [r["step"] for r in csv_rows(job / "csv" / "version_0" / "metrics.csv") if r["train/nelbo"]]
+        assert steps == ["0", "1"]  # a curve from the first step, with trainer.log_every_n_steps=50
+    table = (sweep / "summary.md").read_text()
+    assert table in proc.stdout
+    rows = csv_rows(sweep / "summary.csv")
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "model.aggregation=max", "done"),
+        ("1", "model.aggregation=bayes", "done"),
+    ]
+    for row, job in zip(rows, jobs):
+        result = json.loads((job / "result.json").read_text())
+        assert float(row["best val/nelbo"]) == pytest.approx(result["best"]["score"])
+        per_k = [float(row[f"val/nelbo_k{k}"]) for k in range(4)]
+        assert per_k == pytest.approx([result["last"][f"val/nelbo_k{k}"] for k in range(4)])
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_once_without_absolute_paths(csv_log: Path, data_dir: Path) -> None:
+    """What the loggers received (the CSV logger keeps every log_hyperparams call): the config's
+    top-level keys and parameter counts only (not the module's hyperparameters a second time), no
+    key that repeats another, no absolute path."""
+    import yaml
+
+    hparams = yaml.safe_load((csv_log / "hparams.yaml").read_text())
+    top = {"dataset", "model", "trainer", "logger", "callbacks", "paths", "task_name", "seed", "tags", "run_name"}
+    assert set(hparams) == top | {"ckpt_path", "test", "params"}
+    assert not {"seed", "k_max", "crop", "channels"} & set(hparams["model"])  # ${seed}, ${dataset.k_max}, ...
+    assert "data_dir" not in hparams["dataset"] and "save_dir" not in hparams["logger"]["wandb"]
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(hparams) if os.path.isabs(s)]
+    assert hparams["paths"]["data_dir"] == os.path.relpath(data_dir, ROOT)  # the jobs run in ROOT
 
 
 @pytest.mark.parametrize(
