@@ -181,15 +181,6 @@ def headers_for(units: str | None) -> dict[str, str]:
     return {**METRICS, "nelbo": "NELBO" + suffix, "iw_nll": "IW-NLL" + suffix}
 
 
-def _readable_limits(ax, values: list[float], errors: list[float]) -> None:
-    """y-limits spanning at least 2 % of the values' size (or 4 standard errors), so that a tiny
-    change does not fill the panel."""
-    low, high = min(values), max(values)
-    span = max(high - low, 0.02 * max(abs(low), abs(high)), 4 * max(errors, default=0.0), 1e-12)
-    middle = (low + high) / 2
-    ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
-
-
 def plot_metrics_vs_k(
     series: Mapping[str, list[Mapping]],
     path: Path,
@@ -197,48 +188,10 @@ def plot_metrics_vs_k(
     errors: Mapping[str, list[Mapping]] | None = None,
     count: int | None = None,
 ) -> Path:
-    """One panel per metric, metric against K, one line per entry of ``series`` (label -> rows),
-    with standard-error bars from ``errors`` (label -> rows of the same shape) and the item count."""
-    import matplotlib
+    """``fusionvae.report_plot.plot_metrics_vs_k`` (there: matplotlib is imported only to plot)."""
+    from .report_plot import plot_metrics_vs_k as plot
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    columns = metric_columns([row for rows in series.values() for row in rows])
-    headers = headers_for(units)
-    ncols = min(4, max(1, len(columns)))
-    nrows = max(1, -(-len(columns) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.7 * nrows), squeeze=False)
-    for ax, col in zip(axes.flat, columns):
-        values, bars = [], []
-        for label, rows in series.items():
-            err = {row["K"]: row.get(col, 0.0) for row in (errors or {}).get(label, [])}
-            pts = [(row["K"], row[col], err.get(row["K"], 0.0)) for row in rows if col in row]
-            if pts:
-                ks, ys, es = zip(*pts)
-                ax.errorbar(ks, ys, yerr=es, marker="o", capsize=3, label=label)
-                values += ys
-                bars += es
-        if values:
-            _readable_limits(ax, values, bars)
-        ax.set_title(headers.get(col, col), fontsize=9)
-        ax.set_xlabel("K (input views)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_xticks(sorted({row["K"] for rows in series.values() for row in rows}))
-    for ax in list(axes.flat)[len(columns) :]:
-        ax.axis("off")
-    if count:
-        fig.suptitle(f"mean over {count} items; bars: standard error", fontsize=9)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if len(series) > 1 and handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-        fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 1))
-    else:
-        fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot(series, path, units, errors, count)
 
 
 def write_report(
