@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 from .distributions import Normal
+from .errors import BadInputError
 
 
 def _views(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], Normal]] = {
 
 def check_aggregation(name: str) -> str:
     if name not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation '{name}'; choose one of {', '.join(AGGREGATIONS)} (model.aggregation)")
+        raise BadInputError(f"unknown aggregation '{name}'; choose one of {', '.join(AGGREGATIONS)} (model.aggregation)")
     return name
 
 
@@ -99,12 +100,12 @@ AGGREGATION_LEVELS = ("features", "params")
 def check_aggregation_level(level: str, aggregation: str) -> str:
     """``level`` if ``aggregation`` can work there; one line naming the fix otherwise."""
     if level not in AGGREGATION_LEVELS:
-        raise ValueError(
+        raise BadInputError(
             f"unknown aggregation level '{level}'; choose one of {', '.join(AGGREGATION_LEVELS)} "
             "(model.aggregation_level)"
         )
     if level == "features" and aggregation not in FEATURE_POOLS:
-        raise ValueError(
+        raise BadInputError(
             f"model.aggregation={aggregation} combines distributions, so it needs their parameters: "
             f"use model.aggregation_level=params (features pool only with {' or '.join(FEATURE_POOLS)})"
         )

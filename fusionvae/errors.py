@@ -99,14 +99,16 @@ _WRITE_FIXES = {
 def user_error(err: BaseException) -> BaseException | None:
     """The error a user can fix behind ``err``, or None for a bug: ``err`` itself (a
     ``FusionVAEError``, a missing file, a stale or damaged LMDB, an unusable image folder), the
-    cause Hydra wrapped in an ``InstantiationException``, or a ``WriteError`` for a full disk or
+    cause Hydra wrapped in an ``InstantiationException`` (a constructor's ``ValueError`` included), or a ``WriteError`` for a full disk or
     read-only folder found anywhere in the chain (``torch.save`` turns ENOSPC into a RuntimeError)."""
     from hydra.errors import InstantiationException
 
     if isinstance(err, (FusionVAEError, FileNotFoundError, *_data_errors())):
         return err
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        return user_error(err.__cause__)
+        # a constructor's ValueError is its check of a config value (the datamodules' own checks)
+        cause = err.__cause__
+        return cause if isinstance(cause, ValueError) else user_error(cause)
     seen = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _WRITE_FIXES:

@@ -207,7 +207,8 @@ class Evaluator(L.LightningModule):
 def check_classifier(classifier, hparams, path) -> None:
     """Refuse a classifier made for other images than the model's, before any data is read."""
     got = (classifier.config["channels"], classifier.config["size"])
-    want = (hparams.get("channels", 1), hparams.get("image_size", 32))
+    net = NetworkConfig.from_hparams(hparams)
+    want = (net.channels, net.image_size)
     if got != want:
         raise BadInputError(
             f"eval.classifier={path} classifies {got[0]}x{got[1]}x{got[1]} images, the model makes "

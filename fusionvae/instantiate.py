@@ -61,7 +61,7 @@ def resolve_precision(accelerator, precision):
 def build(cfg: DictConfig, wandb_id: str | None = None):
     """Datamodule (training order and randomness from ``cfg.seed``), model and trainer, from a config
     that ``fusionvae.preflight.check_settings`` accepted."""
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in train.log with the config
     datamodule = instantiate(cfg.dataset, seed=cfg.seed)
     model = instantiate(cfg.model) if "model" in cfg else None
     loggers = build_list(cfg.get("logger"), wandb_identity(cfg, wandb_id))

@@ -7,6 +7,8 @@ owns the skip policy for non-finite steps.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -16,7 +18,7 @@ from datamodules.sampling import mix
 from .compile import compile_network
 from .errors import TooManySkippedSteps
 from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
-from .network import NET_DEFAULTS, FusionVAE
+from .network import FusionVAE, NetworkConfig
 from .objective import (
     LossSettings,
     Terms,
@@ -37,7 +39,7 @@ class FusionVAEModule(L.LightningModule):
     (numbers, strings, dicts of them), saved as hyperparameters so that checkpoints load with
     Lightning's default ``weights_only=True``."""
 
-    kwargs_go_to = FusionVAE  # what ``**net`` accepts (fusionvae.settings.declared_arguments)
+    kwargs_go_to = NetworkConfig  # what ``**net`` accepts (fusionvae.settings.declared_arguments)
 
     def __init__(
         self,
@@ -57,8 +59,10 @@ class FusionVAEModule(L.LightningModule):
         if crop < 0:
             raise ValueError(f"model.crop must be >= 0, got {crop}")
         # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses).
-        # aggregation_level always: a checkpoint without it is one written before it existed (resume.legacy_overrides)
-        net = {"aggregation_level": NET_DEFAULTS["aggregation_level"], **net}
+        # Every network setting, defaults included: a checkpoint without aggregation_level is one
+        # written before it existed (network.legacy_overrides)
+        config = NetworkConfig(**net)
+        net = asdict(config)
         self.save_hyperparameters(
             dict(
                 optim=optim,
@@ -75,7 +79,7 @@ class FusionVAEModule(L.LightningModule):
         )
         self.optim_settings = OptimSettings.from_dict(optim)
         self.loss_settings = LossSettings.from_dict(loss)
-        self.net = FusionVAE(**net)
+        self.net = FusionVAE(config)
         self.spectral = SpectralPenalty(self.net, self.loss_settings.power_iter_init, self.loss_settings.power_iter)
         self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))

@@ -13,8 +13,7 @@ t = sampling temperature; s = decoder state.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -23,6 +22,7 @@ from . import checkpointing
 from .aggregation import check_aggregation, check_aggregation_level, pool_features
 from .cells import decoder_cell, encoder_cell
 from .distributions import LIKELIHOODS, Likelihood, Normal
+from .errors import BadInputError
 from .latent_group import LatentGroup, legacy_key_map
 from .layers import conv
 
@@ -58,65 +58,100 @@ class FusionOutput:
         return total / sum(p.sigma[0].numel() for p in self.priors)
 
 
-class FusionVAE(nn.Module):
-    def __init__(
-        self,
-        channels: int = 1,
-        image_size: int = 32,
-        num_channels: int = 8,
-        num_preprocess_blocks: int = 2,
-        num_preprocess_cells: int = 1,
-        num_postprocess_blocks: int = 2,
-        num_postprocess_cells: int = 1,
-        num_latent_scales: int = 2,
-        num_groups_per_scale: int = 5,
-        ada_groups: bool = True,
-        min_groups_per_scale: int = 1,
-        num_latent_per_group: int = 10,
-        num_cell_per_cond_enc: int = 1,
-        num_cell_per_cond_dec: int = 1,
-        use_se: bool = True,
-        dec_expand: int = 6,
-        post_expand: int = 3,
-        aggregation: str = "max",
-        aggregation_level: str = "features",
-        skip: str = "none",
-        res_dist: bool = False,
-        stochastic: bool = True,
-        likelihood: str = "logistic_mixture",
-        num_mix: int = 10,
-        channels_last: bool = True,
-        activation_checkpointing: bool = False,
-    ):
-        super().__init__()
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Every network setting, with its default written once (the YAML's ``model.*`` keys map onto
+    these fields; checkpoints store them all as hyperparameters; code reading a checkpoint builds
+    one with ``from_hparams`` instead of guessing defaults)."""
+
+    channels: int = 1
+    image_size: int = 32
+    num_channels: int = 8
+    num_preprocess_blocks: int = 2
+    num_preprocess_cells: int = 1
+    num_postprocess_blocks: int = 2
+    num_postprocess_cells: int = 1
+    num_latent_scales: int = 2
+    num_groups_per_scale: int = 5
+    ada_groups: bool = True
+    min_groups_per_scale: int = 1
+    num_latent_per_group: int = 10
+    num_cell_per_cond_enc: int = 1
+    num_cell_per_cond_dec: int = 1
+    use_se: bool = True
+    dec_expand: int = 6
+    post_expand: int = 3
+    aggregation: str = "max"
+    aggregation_level: str = "features"
+    skip: str = "none"
+    res_dist: bool = False
+    stochastic: bool = True
+    likelihood: str = "logistic_mixture"
+    num_mix: int = 10
+    channels_last: bool = True
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
         _validate(
-            image_size,
-            skip,
-            likelihood,
-            num_preprocess_blocks,
-            num_postprocess_blocks,
-            num_latent_scales,
-            num_channels=num_channels,
-            num_groups_per_scale=num_groups_per_scale,
-            num_latent_per_group=num_latent_per_group,
-            num_preprocess_cells=num_preprocess_cells,
-            num_postprocess_cells=num_postprocess_cells,
+            self.image_size,
+            self.skip,
+            self.likelihood,
+            self.num_preprocess_blocks,
+            self.num_postprocess_blocks,
+            self.num_latent_scales,
+            num_channels=self.num_channels,
+            num_latent_scales=self.num_latent_scales,
+            num_groups_per_scale=self.num_groups_per_scale,
+            num_latent_per_group=self.num_latent_per_group,
+            num_preprocess_cells=self.num_preprocess_cells,
+            num_postprocess_cells=self.num_postprocess_cells,
         )
-        self.aggregation = check_aggregation(aggregation)
-        self.aggregation_level = check_aggregation_level(aggregation_level, aggregation)
-        self.channels, self.skip, self.z_ch = channels, skip, num_latent_per_group
-        self.res_dist, self.stochastic, self.activation_checkpointing = res_dist, stochastic, activation_checkpointing
-        self.likelihood_cls, self.num_mix = LIKELIHOODS[likelihood], num_mix
-        self.groups = groups_per_scale(num_latent_scales, num_groups_per_scale, ada_groups, min_groups_per_scale)
+        check_aggregation(self.aggregation)
+        check_aggregation_level(self.aggregation_level, self.aggregation)
+
+    @classmethod
+    def from_hparams(cls, hparams) -> NetworkConfig:
+        """The network of a checkpoint's hyperparameters (other keys, e.g. ``optim``, are not the
+        network's), as it was trained: a key an older checkpoint lacks takes its default, or the
+        value of ``legacy_overrides``."""
+        values = {f.name: hparams[f.name] for f in fields(cls) if f.name in hparams}
+        return cls(**{**values, **legacy_overrides(hparams)})
+
+
+# skips of checkpoints written before aggregation_level existed, in today's names
+_LEGACY_SKIP = {"max": "max_add", "mean": "mean_add"}
+
+
+def legacy_overrides(hparams) -> dict:
+    """Network settings to give a checkpoint written before they existed, so it loads, evaluates
+    and resumes exactly as it was trained (``{}`` for a current checkpoint)."""
+    if "aggregation_level" in hparams:
+        return {}
+    skip = hparams.get("skip", NetworkConfig.skip)
+    return {"aggregation_level": "params", "skip": _LEGACY_SKIP.get(skip, skip)}
+
+
+class FusionVAE(nn.Module):
+    def __init__(self, config: NetworkConfig | None = None, **settings):
+        """The network of ``config``, or of ``NetworkConfig(**settings)`` (the keyword form tests and
+        scripts use); both: ``settings`` replace fields of ``config``."""
+        super().__init__()
+        c = replace(config, **settings) if config is not None else NetworkConfig(**settings)
+        self.config = c
+        self.aggregation, self.aggregation_level = c.aggregation, c.aggregation_level
+        self.channels, self.skip, self.z_ch = c.channels, c.skip, c.num_latent_per_group
+        self.res_dist, self.stochastic, self.activation_checkpointing = c.res_dist, c.stochastic, c.activation_checkpointing
+        self.likelihood_cls, self.num_mix = LIKELIHOODS[c.likelihood], c.num_mix
+        self.groups = groups_per_scale(c.num_latent_scales, c.num_groups_per_scale, c.ada_groups, c.min_groups_per_scale)
         ch = self._build_encoder(
-            num_channels, num_preprocess_blocks, num_preprocess_cells, num_cell_per_cond_enc, use_se
+            c.num_channels, c.num_preprocess_blocks, c.num_preprocess_cells, c.num_cell_per_cond_enc, c.use_se
         )
-        top = image_size // 2 ** (num_preprocess_blocks + num_latent_scales - 1)
+        top = c.image_size // 2 ** (c.num_preprocess_blocks + c.num_latent_scales - 1)
         self.top_state = nn.Parameter(torch.randn(1, ch, top, top))
-        ch = self._build_decoder(ch, num_cell_per_cond_dec, dec_expand, use_se)
-        self._build_postprocess(ch, num_postprocess_blocks, num_postprocess_cells, post_expand, use_se)
+        ch = self._build_decoder(ch, c.num_cell_per_cond_dec, c.dec_expand, c.use_se)
+        self._build_postprocess(ch, c.num_postprocess_blocks, c.num_postprocess_cells, c.post_expand, c.use_se)
         # NHWC: 1.4x faster training on CPU (depthwise conv backward) and the fast path for cuDNN
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         self.register_load_state_dict_pre_hook(legacy_key_map)
 
@@ -240,11 +275,6 @@ class FusionVAE(nn.Module):
         return pool_features(torch.cat([s.unsqueeze(1), skips], dim=1), mode)
 
 
-# the network's defaults, written once (in the signature above), for readers of checkpoint
-# hyperparameters that may lack a key
-NET_DEFAULTS = {k: v.default for k, v in inspect.signature(FusionVAE).parameters.items()}
-
-
 class _LatentStats:
     """Per-item sums that the latent groups add to: KL per group, log q(z) and log p(z); and the
     priors."""
@@ -261,17 +291,17 @@ def _validate(
 ) -> None:
     """Reject impossible settings with the config key to change."""
     if skip not in SKIP_MODES:
-        raise ValueError(f"unknown skip mode '{skip}'; choose one of {', '.join(SKIP_MODES)} (model.skip)")
+        raise BadInputError(f"unknown skip mode '{skip}'; choose one of {', '.join(SKIP_MODES)} (model.skip)")
     if likelihood not in LIKELIHOODS:
-        raise ValueError(
+        raise BadInputError(
             f"unknown likelihood '{likelihood}'; choose one of {', '.join(LIKELIHOODS)} (model.likelihood)"
         )
     for name, value in sizes.items():
         if value < 1:
-            raise ValueError(f"model.{name} must be >= 1, got {value}")
+            raise BadInputError(f"model.{name} must be >= 1, got {value}")
     factor = 2 ** (pre_blocks + scales - 1)
     if image_size % factor or post_blocks != pre_blocks:
-        raise ValueError(
+        raise BadInputError(
             f"image_size {image_size} must be divisible by "
             f"2^(num_preprocess_blocks + num_latent_scales - 1) = {factor} "
             f"and num_postprocess_blocks ({post_blocks}) must equal num_preprocess_blocks ({pre_blocks}) (model.*)"

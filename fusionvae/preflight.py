@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import BadInputError, FusionVAEError, WriteError
+from .errors import BadInputError, WriteError, user_error
 from .objective import LossSettings
 from .optim import OptimSettings
 from .settings import check_arguments
@@ -126,12 +126,14 @@ def _try_write(folder: Path) -> None:
 
 @contextmanager
 def unused_run_folder_removed():
-    """On a refused start (``FusionVAEError``), delete the Hydra job's output folder if it holds
-    only what Hydra wrote before the job (``.hydra/`` and the job's log): an early failure leaves
-    no empty run folder."""
+    """On a refused start (an error the user fixes, ``errors.user_error``), delete the Hydra job's
+    output folder if it holds only what Hydra wrote before the job (``.hydra/`` and the job's log):
+    an early failure leaves no empty run folder."""
     try:
         yield
-    except FusionVAEError:
+    except Exception as err:
+        if user_error(err) is None:
+            raise
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checksums import verify_checksum
 from .errors import CheckpointError, CheckpointNotFoundError
-from .network import NET_DEFAULTS
+from .network import NetworkConfig, legacy_overrides
 from .run_args import run_dir_of
 
 # model keys that may change on resume: they do not change the weights' shapes or meaning
@@ -92,29 +92,14 @@ def _nonfinite(tree: Any, name: str) -> list[str]:
 # Checkpoints written before ``model.aggregation_level`` existed (hyperparameters without it) were
 # trained with the view heads before aggregation and with skips added to the decoder state: load
 # them as what they are, not with today's defaults
-_LEGACY_SKIP = {"max": "max_add", "mean": "mean_add"}
-
-
-def legacy_overrides(hparams: Any) -> dict:
-    """Network settings to give a checkpoint written before they existed, so it loads, evaluates
-    and resumes exactly as it was trained (``{}`` for a current checkpoint)."""
-    if "aggregation_level" in hparams:
-        return {}
-    skip = hparams.get("skip", "none")
-    return {"aggregation_level": "params", "skip": _LEGACY_SKIP.get(skip, skip)}
-
-
 def _image_spec(channels: Any, size: Any, k_max: Any) -> str:
     return f"{channels}x{size}x{size} images (CxHxW) with k_max={k_max}"
 
 
 def check_dataset(hparams: Any, dataset: DictConfig, path: str | Path) -> None:
     """Refuse a checkpoint whose model does not fit the dataset config (channels, size, k_max)."""
-    model = (
-        hparams.get("channels", NET_DEFAULTS["channels"]),
-        hparams.get("image_size", NET_DEFAULTS["image_size"]),
-        hparams.get("k_max", 3),
-    )
+    net = NetworkConfig.from_hparams(hparams)
+    model = (net.channels, net.image_size, hparams.get("k_max", 3))
     data = (dataset.get("channels"), dataset.get("image_size"), dataset.get("k_max"))
     if any(d is not None and d != m for m, d in zip(model, data)):
         name = str(dataset.get("_target_", "the dataset")).rsplit(".", 1)[-1]

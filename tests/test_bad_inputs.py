@@ -44,6 +44,13 @@ CASES = [
     ("model.loss.power_iter=abc", "model.loss.power_iter must be an int, got 'abc' (the default is model.loss.power_iter=1)"),
     ("+dataset.batchsize=3", "unknown setting(s) dataset.batchsize (did you mean batch_size?); check the spelling"),
     ("+trainer.max_step=3", "unknown setting(s) trainer.max_step (did you mean max_steps?); check the spelling"),
+    # a constructor's own check of a value, also wrapped by Hydra before
+    ("model.num_latent_scales=0", "model.num_latent_scales must be >= 1, got 0"),
+    (
+        "dataset.image_size=30",
+        "FusionMNIST images are 28 + 2 * dataset.pad pixels: dataset.image_size=30 does not match dataset.pad=2; "
+        "set dataset.image_size=32 or change dataset.pad",
+    ),
 ]
 
 

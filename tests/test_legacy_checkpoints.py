@@ -15,7 +15,8 @@ from fusionvae.errors import CheckpointError
 from fusionvae.evaluate_job import load_model, run_evaluation
 from fusionvae.evaluation import EvalSettings, evaluate_batch
 from fusionvae.objective import split_views
-from fusionvae.resume import check_model, legacy_overrides, read_checkpoint
+from fusionvae.network import legacy_overrides
+from fusionvae.resume import check_model, read_checkpoint
 
 LEGACY = Path(__file__).resolve().parent / "legacy_checkpoints"
 NUMBERS = json.loads((LEGACY / "numbers.json").read_text())

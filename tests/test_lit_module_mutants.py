@@ -2,6 +2,7 @@
 optimiser) with small fakes in place of a Trainer; written against the mutants of lit_module.py."""
 
 import types
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from datamodules.sampling import mix
 from fusionvae.errors import TooManySkippedSteps
 from fusionvae.flat import is_flat
 from fusionvae.lit_module import FusionVAEModule
+from fusionvae.network import NetworkConfig
 from fusionvae.objective import kl_warmup, training_loss
 from fusionvae.regularizers import batchnorm_penalty
 from tests.test_network import TINY
@@ -101,9 +103,10 @@ def test_init_checks_and_hparams():
         seed=0,
         compile=False,
         compile_mode="default",
-        aggregation_level="features",  # always recorded: a checkpoint without it is a legacy one
-        **TINY,
+        # every network setting, defaults included: a checkpoint without aggregation_level is a legacy one
+        **asdict(NetworkConfig(**TINY)),
     )
+    assert dict(m.hparams)["aggregation_level"] == "features" and NetworkConfig.from_hparams(m.hparams) == m.net.config
     m = module(optim={"lr": 0.5}, loss={"power_iter_init": 7, "power_iter": 3})
     assert m.hparams.optim == {"lr": 0.5} and m.hparams.loss == {"power_iter_init": 7, "power_iter": 3}
     assert (m.spectral.init_steps, m.spectral.steps) == (7, 3)
