@@ -81,7 +81,9 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], Normal]] = {
 
 def check_aggregation(name: str) -> str:
     if name not in AGGREGATIONS:
-        raise BadInputError(f"unknown aggregation '{name}'; choose one of {', '.join(AGGREGATIONS)} (model.aggregation)")
+        raise BadInputError(
+            f"unknown aggregation '{name}'; choose one of {', '.join(AGGREGATIONS)} (model.aggregation)"
+        )
     return name
 
 

@@ -99,7 +99,8 @@ _WRITE_FIXES = {
 def user_error(err: BaseException) -> BaseException | None:
     """The error a user can fix behind ``err``, or None for a bug: ``err`` itself (a
     ``FusionVAEError``, a missing file, a stale or damaged LMDB, an unusable image folder), the
-    cause Hydra wrapped in an ``InstantiationException`` (a constructor's ``ValueError`` included), or a ``WriteError`` for a full disk or
+    cause Hydra wrapped in an ``InstantiationException`` (a constructor's ``ValueError`` included),
+    or a ``WriteError`` for a full disk or
     read-only folder found anywhere in the chain (``torch.save`` turns ENOSPC into a RuntimeError)."""
     from hydra.errors import InstantiationException
 

@@ -20,10 +20,10 @@ from .bn_readjust import readjust_bn
 from .errors import BadInputError
 from .evaluation import EvalSettings, Evaluator
 from .instantiate import build, finish
-from .preflight import check_settings
 from .lit_module import FusionVAEModule
 from .malloc import keep_freed_memory
 from .objective import k_range, split_views
+from .preflight import check_settings
 from .report import describe_model, summary_table, write_per_item, write_report
 from .resume import check_dataset, legacy_overrides, read_checkpoint
 from .run_args import resolve_ckpt_path

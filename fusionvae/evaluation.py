@@ -37,6 +37,7 @@ from .classifier import semantic_metrics
 from .errors import BadInputError
 from .lit_module import FusionVAEModule
 from .metrics import log_mean_exp, sample_metrics
+from .network import NetworkConfig
 from .objective import k_range, log_likelihood, split_views
 from .sampling import DECODE_MODES, draw
 

@@ -140,9 +140,15 @@ class FusionVAE(nn.Module):
         self.config = c
         self.aggregation, self.aggregation_level = c.aggregation, c.aggregation_level
         self.channels, self.skip, self.z_ch = c.channels, c.skip, c.num_latent_per_group
-        self.res_dist, self.stochastic, self.activation_checkpointing = c.res_dist, c.stochastic, c.activation_checkpointing
+        self.res_dist, self.stochastic, self.activation_checkpointing = (
+            c.res_dist,
+            c.stochastic,
+            c.activation_checkpointing,
+        )
         self.likelihood_cls, self.num_mix = LIKELIHOODS[c.likelihood], c.num_mix
-        self.groups = groups_per_scale(c.num_latent_scales, c.num_groups_per_scale, c.ada_groups, c.min_groups_per_scale)
+        self.groups = groups_per_scale(
+            c.num_latent_scales, c.num_groups_per_scale, c.ada_groups, c.min_groups_per_scale
+        )
         ch = self._build_encoder(
             c.num_channels, c.num_preprocess_blocks, c.num_preprocess_cells, c.num_cell_per_cond_enc, c.use_se
         )

@@ -71,5 +71,5 @@ def weights_to_test(trainer) -> str | None:
     callback = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "best_model_path", ""):
         return "best"
-    log.info("test=true: no best checkpoint was written (debug=fdr or no checkpoint callback); testing the final weights")
+    log.info("test=true: no best checkpoint was written (debug=fdr or callbacks=none); testing the final weights")
     return None

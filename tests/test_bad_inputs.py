@@ -20,12 +20,18 @@ SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
 
 CASES = [
     ("logger=null", "logger=null: a config group takes an option, not null; use logger=none to run without one"),
-    ("experiment=null", "experiment=null: a config group takes an option, not null; use ~experiment to run without one"),
+    (
+        "experiment=null",
+        "experiment=null: a config group takes an option, not null; use ~experiment to run without one",
+    ),
     ("+foo=1", "+foo=1: train.py has no setting foo; python train.py --cfg job lists them"),
     ("sed=3", "sed=3: train.py has no setting sed (did you mean seed?); python train.py --cfg job lists them"),
     ("seed=abc", "seed must be a whole number >= 0, got 'abc'"),
     ("dataset.val_batch_size=0", "dataset.val_batch_size must be a whole number >= 1, got 0"),
-    ("model.optim.lr=-0.01", "model.optim.lr must be a finite number > 0, got -0.01 (the default is model.optim.lr=0.01)"),
+    (
+        "model.optim.lr=-0.01",
+        "model.optim.lr must be a finite number > 0, got -0.01 (the default is model.optim.lr=0.01)",
+    ),
     ("model.optim.lr=nan", "model.optim.lr must be a finite number > 0, got nan (the default is model.optim.lr=0.01)"),
     ("+model.optim.foo=1", "unknown setting(s) model.optim.foo; known: eps, lr, lr_min, warmup_epochs, weight_decay"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got -1"),
@@ -41,7 +47,10 @@ CASES = [
     ),
     # values Hydra's instantiate used to wrap in its InstantiationException block
     ("model.num_latent_scales=abc", "model.num_latent_scales must be an int, got 'abc'"),
-    ("model.loss.power_iter=abc", "model.loss.power_iter must be an int, got 'abc' (the default is model.loss.power_iter=1)"),
+    (
+        "model.loss.power_iter=abc",
+        "model.loss.power_iter must be an int, got 'abc' (the default is model.loss.power_iter=1)",
+    ),
     ("+dataset.batchsize=3", "unknown setting(s) dataset.batchsize (did you mean batch_size?); check the spelling"),
     ("+trainer.max_step=3", "unknown setting(s) trainer.max_step (did you mean max_steps?); check the spelling"),
     # a constructor's own check of a value, also wrapped by Hydra before
@@ -70,7 +79,9 @@ def run_folders(logs: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("override, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_before_any_data_work_and_no_run_folder(tmp_path, capsys, monkeypatch, override, message):
+def test_bad_input_gives_one_line_before_any_data_work_and_no_run_folder(
+    tmp_path, capsys, monkeypatch, override, message
+):
     logs = tmp_path / "logs"
     code, err = run_train([override, f"paths.data_dir={tmp_path / 'no_data_here'}"], logs, capsys, monkeypatch)
     assert code == 1
@@ -84,7 +95,8 @@ def test_log_dir_that_is_a_file_is_refused_before_hydra(tmp_path, capsys, monkey
     code, err = run_train([], afile / "below", capsys, monkeypatch)
     assert code == 1
     assert err == [
-        f"error: FUSIONVAE_LOG_DIR={afile / 'below'}: {afile} is a file, not a folder; point FUSIONVAE_LOG_DIR at a folder"
+        f"error: FUSIONVAE_LOG_DIR={afile / 'below'}: {afile} is a file, not a folder; "
+        "point FUSIONVAE_LOG_DIR at a folder"
     ]
 
 
@@ -95,7 +107,9 @@ def test_checkpoint_without_optimiser_state_is_refused_before_any_data_work(tmp_
 
     module = instantiate(compose_cfg("train", TINY).model)
     ckpt = save_checkpoint(module, tmp_path / "old" / "checkpoints" / "last.ckpt")  # weights only
-    code, err = run_train([f"ckpt_path={ckpt}", f"paths.data_dir={tmp_path / 'none'}"], tmp_path / "logs", capsys, monkeypatch)
+    code, err = run_train(
+        [f"ckpt_path={ckpt}", f"paths.data_dir={tmp_path / 'none'}"], tmp_path / "logs", capsys, monkeypatch
+    )
     assert code == 1 and len(err) == 1
     assert err[0].startswith(f"error: checkpoint {ckpt} holds no optimizer_states (saved with weights only)")
     assert run_folders(tmp_path / "logs") == []
@@ -137,7 +151,9 @@ def test_read_only_checkpoint_folder_is_refused_before_any_data_work(tmp_path, c
 
 def test_disk_full_during_training_ends_in_one_line(data_dir, tmp_path, capsys, monkeypatch, mount_tmpfs):
     small = mount_tmpfs("small", "size=200k")  # the run's config and log fit, its images and checkpoints do not
-    code, err = run_train([f"paths.data_dir={data_dir}", f"hydra.run.dir={small / 'run'}"], tmp_path, capsys, monkeypatch)
+    code, err = run_train(
+        [f"paths.data_dir={data_dir}", f"hydra.run.dir={small / 'run'}"], tmp_path, capsys, monkeypatch
+    )
     errors = [line for line in err if line.startswith("error: ")]
     assert code == 1 and len(errors) == 1 and "Traceback" not in "\n".join(err)
     assert "No space left on device; free space there, or point paths.log_dir (FUSIONVAE_LOG_DIR)" in errors[0]

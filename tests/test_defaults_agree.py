@@ -50,7 +50,9 @@ def assert_agree(python: dict, yaml: dict, where: str, rename: dict[str, str] | 
 
 def test_network_defaults_are_the_paper_mnist_config():
     model = compose_cfg("train", ["model/size=mnist"]).model
-    assert_agree(python_defaults(NetworkConfig), yaml_values(model), "NetworkConfig vs model=fusionvae model/size=mnist")
+    assert_agree(
+        python_defaults(NetworkConfig), yaml_values(model), "NetworkConfig vs model=fusionvae model/size=mnist"
+    )
 
 
 @pytest.mark.parametrize("settings, key", [(OptimSettings, "optim"), (LossSettings, "loss")])
@@ -98,7 +100,9 @@ def test_celeba_and_tless_generator_specs():
 
 @pytest.mark.parametrize("group, settings", [("optim", OptimSettings), ("loss", LossSettings)])
 def test_unknown_settings_are_refused_not_ignored(group, settings):
-    with pytest.raises(ValueError, match=rf"unknown setting\(s\) model\.{group}\.lrr( \(did you mean lr\?\))?; known: "):
+    with pytest.raises(
+        ValueError, match=rf"unknown setting\(s\) model\.{group}\.lrr( \(did you mean lr\?\))?; known: "
+    ):
         settings.from_dict({"lrr": 1.0}, f"model.{group}")
 
 

@@ -14,8 +14,8 @@ from conftest import TINY, compose_cfg
 from fusionvae.errors import CheckpointError
 from fusionvae.evaluate_job import load_model, run_evaluation
 from fusionvae.evaluation import EvalSettings, evaluate_batch
-from fusionvae.objective import split_views
 from fusionvae.network import legacy_overrides
+from fusionvae.objective import split_views
 from fusionvae.resume import check_model, read_checkpoint
 
 LEGACY = Path(__file__).resolve().parent / "legacy_checkpoints"

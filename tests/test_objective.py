@@ -28,7 +28,8 @@ LOSS_KEYS = (
 
 
 def test_loss_settings_refuse_unknown_keys_naming_them_under_model_loss():
-    message = f"unknown setting(s) model.loss.beta, model.loss.kl_warmup (did you mean kl_warmup_portion?); known: {LOSS_KEYS}"
+    hint = "(did you mean kl_warmup_portion?)"
+    message = f"unknown setting(s) model.loss.beta, model.loss.kl_warmup {hint}; known: {LOSS_KEYS}"
     with pytest.raises(ValueError, match=re.escape(message) + "$"):
         LossSettings.from_dict({"kl_warmup": 0.2, "beta": 1.0, "kl_balance": False})
 
