@@ -11,7 +11,9 @@ Record format
 Atomicity: ``write_lmdb`` fills a hidden temp dir next to the target (``.<name>.tmp-<pid>-<hex>``),
 writes the metadata record last, syncs, then ``os.rename``s it into place. A reader only opens the
 target path and requires the metadata record, so a left-over temp dir (a killed run) is never
-taken for a valid LMDB; it can be deleted.
+taken for a valid LMDB; it can be deleted. A build that fails (also on a full disk:
+``LMDBNoSpaceError``) removes its temp dir. A damaged ``data.mdb`` is ``LMDBDamagedError`` (also
+from ``is_complete``, so a build never takes it for a missing LMDB); see ``datamodules.lmdb_errors``.
 
 Reading: ``LMDBReader`` opens its environment lazily, once per process (``readonly``,
 ``lock=False``, ``readahead=False``, ``meminit=False``; ``datamodules.lmdb_env``), so readers
@@ -33,27 +35,26 @@ import numpy as np
 import torch
 
 from datamodules.batched import BatchedDataset
+from datamodules.errors import DataError
 from datamodules.images import decode_stack, to_tensor
 from datamodules.lmdb_env import close_env, open_env, resolve
+from datamodules.lmdb_errors import (  # noqa: F401  (LMDBNoSpaceError: re-exported)
+    LMDBDamagedError,
+    LMDBExistsError,
+    LMDBMetadataError,
+    LMDBNoSpaceError,
+    LMDBRecordError,
+    damage_checked,
+    damaged,
+    free_space,
+    space_checked,
+)
+from datamodules.lmdb_fill import META_KEY, Source, fill, record_key
 from datamodules.tempfiles import owner_tag, remove_stale
 
-META_KEY = b"__meta__"
 TEMP_MARK = ".tmp-"  # in the names of unfinished LMDB dirs: .<name>.tmp-<pid>-<host>-<hex>
-_COMMIT_EVERY = 512  # records per write transaction
 
 log = logging.getLogger(__name__)
-
-
-class LMDBMetadataError(ValueError):
-    """The stored metadata differs from what the config expects."""
-
-
-class LMDBRecordError(RuntimeError):
-    """A record is missing or cannot be decoded."""
-
-
-def record_key(index: int) -> bytes:
-    return b"%08d" % index
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -89,25 +90,34 @@ def check_meta(stored: dict[str, Any], expected: dict[str, Any], path: str | Pat
 
 
 def read_meta(path: str | Path, hint: str = "") -> dict[str, Any]:
-    """Metadata of the complete LMDB at ``path``; FileNotFoundError if absent, ValueError if unfinished."""
+    """Metadata of the complete LMDB at ``path``; FileNotFoundError if absent, DataError (a ValueError)
+    if unfinished, LMDBDamagedError if its file is damaged."""
     path = resolve(path)
     if TEMP_MARK in path.name:
-        raise ValueError(f"{path} is an unfinished LMDB left by an interrupted run, not a dataset: delete it")
+        raise DataError(f"{path} is an unfinished LMDB left by an interrupted run, not a dataset: delete it")
     if not (path / "data.mdb").is_file():
         extra = f"; {hint}" if hint else ""
         leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}{TEMP_MARK}*"))
         if leftovers:
             extra += f" (unfinished {', '.join(leftovers)} in {path.parent} from an interrupted run can be deleted)"
         raise FileNotFoundError(f"LMDB not found: {path}{extra}")
-    with open_env(str(path)).begin() as txn:
+    with damage_checked(path), open_env(str(path)).begin() as txn:
         raw = txn.get(META_KEY)
+        raw = None if raw is None else bytes(raw)
     if raw is None:
-        raise ValueError(f"LMDB {path} has no metadata record (unfinished write?): delete it and generate it again")
-    return json.loads(bytes(raw).decode("utf-8"))
+        raise DataError(f"LMDB {path} has no metadata record (unfinished write?): delete it and generate it again")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        meta = None
+    if not isinstance(meta, dict) or not all(k in meta for k in REQUIRED_META):
+        raise damaged(path, "its metadata record is not the JSON the writer stored")
+    return meta
 
 
 def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` holds a finished LMDB (data plus metadata record)."""
+    """Whether ``path`` holds a finished LMDB (data plus metadata record); ``LMDBDamagedError`` if
+    its file is damaged (it is neither complete nor missing: a build must not take it for missing)."""
     try:
         read_meta(path)
     except (OSError, ValueError, lmdb.Error):
@@ -142,21 +152,21 @@ class LMDBReader:
         """uint8 ``[B, n, H, W, C]`` of the given records, read in one transaction."""
         indices = [int(i) for i in indices]
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)
-        with open_env(str(self.path)).begin(buffers=True) as txn:
+        with damage_checked(self.path), open_env(str(self.path)).begin(buffers=True) as txn:
             for row, index in enumerate(indices):
                 if not 0 <= index < self.count:
                     raise IndexError(f"LMDB {self.path}: index {index} out of range [0, {self.count})")
                 key = record_key(index)
                 data = txn.get(key)
                 if data is None:
-                    raise LMDBRecordError(
+                    raise LMDBDamagedError(
                         f"LMDB {self.path}: record {key.decode()} is missing ({self.count} expected); "
                         f"the LMDB is damaged: delete it and generate it again"
                     )
                 try:
                     out[row] = decode_stack(data, self.shape)
                 except Exception as exc:  # PIL raises several types for junk bytes
-                    raise LMDBRecordError(
+                    raise LMDBDamagedError(
                         f"LMDB {self.path}: record {key.decode()} is not a valid {list(self.shape)} PNG stack "
                         f"({exc}); the LMDB is damaged: delete it and generate it again"
                     ) from exc
@@ -197,74 +207,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _open_for_writing(path: Path, map_size: int):
-    """A fresh private LMDB env: no lock file, syncs once at the end (the folder is renamed after)."""
-    return lmdb.open(
-        str(path),
-        map_size=map_size,
-        subdir=True,
-        lock=False,
-        sync=False,
-        metasync=False,
-        readahead=False,
-        meminit=False,
-    )
-
-
 def write_lmdb(path: str | Path, records: Iterable[bytes], meta: dict[str, Any]) -> Path:
     """Write ``records`` (PNG bytes, ``meta["count"]`` of them) and ``meta`` atomically to ``path``.
 
-    Raises FileExistsError if ``path`` already holds data. If another process finishes the same
-    LMDB first, its complete copy is kept and ours discarded.
+    Raises FileExistsError if ``path`` already holds data, ``LMDBNoSpaceError`` if the disk fills
+    up (the temp dir is removed). If another process finishes the same LMDB first, its complete
+    copy is kept and ours discarded.
     """
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"LMDB metadata lacks {missing}")
     path = resolve(path)
     if (path / "data.mdb").exists():
-        raise FileExistsError(f"{path} already holds an LMDB; delete it to regenerate it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TEMP_MARK}{owner_tag()}"
-    tmp.mkdir()
-    count = int(meta["count"])
-    per_record = int(np.prod(meta["shape"])) * 11 // 10 + 8192  # PNG worst case + page overhead
-    try:
-        env = _open_for_writing(tmp, count * per_record + (64 << 20))
+        raise LMDBExistsError(f"{path} already holds an LMDB; delete it to regenerate it")
+    progress = {"count": int(meta["count"]), "written": 0, "free": free_space(path.parent)}
+    with space_checked(path, progress):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}{TEMP_MARK}{owner_tag()}"
+        tmp.mkdir()
         try:
-            written = 0
-            txn = env.begin(write=True)
+            fill(tmp, Source(records, progress), meta, path, progress)
             try:
-                for data in records:
-                    if written == count:
-                        raise ValueError(f"more records than meta count {count} for {path}")
-                    txn.put(record_key(written), data)
-                    written += 1
-                    if written % _COMMIT_EVERY == 0:
-                        txn.commit()
-                        txn = env.begin(write=True)
-                if written != count:
-                    raise ValueError(f"{written} records written to {path}, but meta count is {count}")
-                txn.put(META_KEY, json.dumps(meta, sort_keys=True).encode("utf-8"))  # last: marks completion
-                txn.commit()
-            except BaseException:
-                txn.abort()
-                raise
-            env.sync(True)
-        finally:
-            env.close()
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:
-            if not is_complete(path):
-                raise FileExistsError(
-                    f"cannot move the new LMDB to {path}: it exists and is not an LMDB "
-                    f"({exc.strerror}); remove it or choose another directory"
-                ) from exc
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished it first
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                os.rename(tmp, path)
+            except OSError as exc:
+                if not is_complete(path):
+                    raise LMDBExistsError(
+                        f"cannot move the new LMDB to {path}: it exists and is not an LMDB "
+                        f"({exc.strerror}); remove it or choose another directory"
+                    ) from exc
+                shutil.rmtree(tmp, ignore_errors=True)  # another process finished it first
+            _fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
 
 
