@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import reported
 from .launcher import size_launcher
+from .reporting import reported, unused_run_folder_removed
 from .run_args import check_command_line, evaluate_on_training_dataset, resume_in_place
 
 
@@ -43,7 +43,6 @@ OmegaConf.register_new_resolver("fusionvae_config_groups", lambda: config_groups
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
 def train_job(cfg: DictConfig) -> float | None:
-    from .preflight import unused_run_folder_removed
     from .training import train  # here, not above: `--help` and `--cfg` answer without importing Lightning
 
     with reported(), unused_run_folder_removed():
@@ -53,7 +52,6 @@ def train_job(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="evaluate")
 def evaluate_job(cfg: DictConfig) -> dict:
     from .evaluate_job import run_evaluation  # as in train_job
-    from .preflight import unused_run_folder_removed
 
     with reported(), unused_run_folder_removed():
         return run_evaluation(cfg)

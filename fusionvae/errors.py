@@ -1,20 +1,16 @@
 """Errors a user can fix, reported by the entry points as one line (no traceback).
 
-``train.py`` / ``fusionvae-train``, ``evaluate.py`` / ``fusionvae-evaluate`` and ``python -m
-fusionvae.fuse`` catch ``FusionVAEError`` and print ``error: <message>``; set
+The entry points (``fusionvae.reporting.reported``) print ``error: <message>`` for these; set
 ``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also derive from the
-built-in type a caller would expect (FileNotFoundError, ValueError, ...).
+built-in type a caller would expect (FileNotFoundError, ValueError, ...). This module is the
+base of the package: it imports nothing of it, nor of ``datamodules``.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
-import sys
-import traceback
-from contextlib import contextmanager
 
 
 class FusionVAEError(Exception):
@@ -61,33 +57,8 @@ class RunFolderInUseError(FusionVAEError, FileExistsError):
     """Another training job holds the run folder's lock (``fusionvae.run_lock``)."""
 
 
-@contextmanager
-def reported(prefix: str = "error"):
-    """Turn an error the user can fix (``user_error``) into one line on stderr and
-    ``sys.exit(exit_code)``.
-
-    With ``HYDRA_FULL_ERROR=1`` errors propagate with their traceback; a preemption always
-    exits with its code (it is not a failure of the code)."""
-    try:
-        yield
-    except Preempted as stop:
-        print(f"{stop.prefix}: {stop}", file=sys.stderr, flush=True)
-        _to_log_files(f"{stop.prefix}: {stop}")
-        sys.exit(stop.exit_code)
-    except Exception as err:
-        fixable = user_error(err)
-        if fixable is None:  # a bug: Hydra prints the traceback; keep it in the run's log file too
-            _to_log_files(f"{prefix}: unexpected failure\n{traceback.format_exc()}")
-            raise
-        _to_log_files(f"{prefix}: {fixable}")
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"{prefix}: {fixable}", file=sys.stderr, flush=True)
-        sys.exit(getattr(fixable, "exit_code", 1))
-
-
 # the OS errors of writing files that the user fixes, not the code, and how
-_WRITE_FIXES = {
+WRITE_FIXES = {
     errno.ENOSPC: "free space there",
     errno.EDQUOT: "free space (disk quota) there",
     errno.EROFS: "",
@@ -96,55 +67,15 @@ _WRITE_FIXES = {
 }
 
 
-def user_error(err: BaseException) -> BaseException | None:
-    """The error a user can fix behind ``err``, or None for a bug: ``err`` itself (a
-    ``FusionVAEError``, a missing file, a stale or damaged LMDB, an unusable image folder), the
-    cause Hydra wrapped in an ``InstantiationException`` (a constructor's ``ValueError`` included),
-    or a ``WriteError`` for a full disk or
-    read-only folder found anywhere in the chain (``torch.save`` turns ENOSPC into a RuntimeError)."""
-    from hydra.errors import InstantiationException
-
-    if isinstance(err, (FusionVAEError, FileNotFoundError, *_data_errors())):
-        return err
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        # a constructor's ValueError is its check of a config value (the datamodules' own checks)
-        cause = err.__cause__
-        return cause if isinstance(cause, ValueError) else user_error(cause)
-    seen = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _WRITE_FIXES:
-            return WriteError(seen)
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 class WriteError(FusionVAEError, OSError):
     """A run cannot write its files: full disk, read-only folder, a file where a folder belongs."""
 
     def __init__(self, err: OSError, where=None):
         where = err.filename or where
         reason = os.strerror(err.errno) if err.errno else str(err)
-        fix = _WRITE_FIXES.get(err.errno, "check that folder")
+        fix = WRITE_FIXES.get(err.errno, "check that folder")
         super().__init__(
             f"{f'cannot write {where}' if where else 'a file write failed'}: {reason}; "
             f"{fix + ', or ' if fix else ''}point paths.log_dir "
             f"(FUSIONVAE_LOG_DIR) at another disk (a started run resumes with ckpt_path=last)"
         )
-
-
-def _to_log_files(message: str) -> None:
-    """Write ``message`` to the file handlers of the root logger (the run's train.log / evaluate.log),
-    not to the console, which gets the one clean line."""
-    record = logging.LogRecord("fusionvae", logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def _data_errors() -> tuple[type[Exception], ...]:
-    """Data problems the user fixes (missing files are FileNotFoundError; stale or damaged LMDBs;
-    unusable image folders)."""
-    from datamodules.errors import DataError
-    from datamodules.lmdb_store import LMDBMetadataError, LMDBRecordError
-
-    return LMDBMetadataError, LMDBRecordError, DataError

@@ -17,6 +17,7 @@ from torchvision.io import read_image
 from torchvision.utils import save_image
 
 from .bn_readjust import readjust_bn
+from .checkpoint_paths import resolve_ckpt_path
 from .errors import BadInputError
 from .evaluation import EvalSettings, Evaluator
 from .instantiate import build, finish
@@ -26,7 +27,6 @@ from .objective import k_range, split_views
 from .preflight import check_settings
 from .report import describe_model, summary_table, write_per_item, write_report
 from .resume import check_dataset, legacy_overrides, read_checkpoint
-from .run_args import resolve_ckpt_path
 from .sampling import fusion_grid, log_images
 
 log = logging.getLogger("fusionvae")

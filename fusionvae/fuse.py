@@ -38,7 +38,6 @@ from .errors import BadInputError, FusionVAEError
 from .evaluate_job import load_model
 from .fuse_args import DEVICES, MAX_SEED, ArgumentParser, arg_type, check_device, check_temperature, whole
 from .lit_module import FusionVAEModule
-from .network import NET_DEFAULTS
 from .sampling import draw, input_columns, mean_image, render_grid
 
 
@@ -153,7 +152,7 @@ def load_views(
     hp = module.hparams
     if len(paths) > hp.k_max:
         raise ValueError(f"{len(paths)} images given but the model fuses at most k_max={hp.k_max} views")
-    channels, size = hp.get("channels", NET_DEFAULTS["channels"]), hp.get("image_size", NET_DEFAULTS["image_size"])
+    channels, size = module.net.config.channels, module.net.config.image_size
     if fit:
         images = [fitted_image(p, channels, size) for p in paths]
     else:
@@ -163,8 +162,8 @@ def load_views(
 
 def check_views(module: FusionVAEModule, views: torch.Tensor) -> None:
     """Refuse views the model cannot take: their count, size and channels, and non-image values."""
-    hp = module.hparams
-    shape = (hp.get("channels", NET_DEFAULTS["channels"]), *(2 * [hp.get("image_size", NET_DEFAULTS["image_size"])]))
+    hp, net = module.hparams, module.net.config
+    shape = (net.channels, net.image_size, net.image_size)
     if views.shape[0] > hp.k_max or tuple(views.shape[1:]) != shape:
         raise BadInputError(
             f"views are {tuple(views.shape)} but the model takes [K <= {hp.k_max}, {shape[0]}, "

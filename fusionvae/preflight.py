@@ -1,20 +1,19 @@
 """What a training run checks before any data work, logger or lock: its settings and the folders it
 will write. Every problem a user can fix ends the run here in one ``error:`` line that names the
-key and the fix (``fusionvae.errors.reported``), so a refused start costs seconds and leaves no
-W&B run behind (and ``unused_run_folder_removed`` leaves no empty run folder)."""
+key and the fix (``fusionvae.reporting.reported``), so a refused start costs seconds and leaves no
+W&B run behind (and ``reporting.unused_run_folder_removed`` no empty run folder)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import BadInputError, WriteError, user_error
+from .errors import BadInputError, WriteError
 from .objective import LossSettings
 from .optim import OptimSettings
 from .settings import check_arguments
@@ -122,22 +121,3 @@ def _try_write(folder: Path) -> None:
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-
-
-@contextmanager
-def unused_run_folder_removed():
-    """On a refused start (an error the user fixes, ``errors.user_error``), delete the Hydra job's
-    output folder if it holds only what Hydra wrote before the job (``.hydra/`` and the job's log):
-    an early failure leaves no empty run folder."""
-    try:
-        yield
-    except Exception as err:
-        if user_error(err) is None:
-            raise
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-        folder, job_log = Path(hydra_cfg.runtime.output_dir), f"{hydra_cfg.job.name}.log"
-        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", job_log}:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise

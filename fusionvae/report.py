@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import IMAGE_METRICS
+from .network import NetworkConfig
 
 # column key -> header; NELBO / IW-NLL are in the run's units (nats or bits/dim)
 METRICS = {
@@ -43,9 +44,10 @@ MODEL_KEYS = (
 
 def infer_model_name(hparams: Mapping) -> str:
     """fcn (deterministic), cvae (one latent group) or fusionvae, from checkpoint hyperparameters."""
-    if not hparams.get("stochastic", True):
+    net = NetworkConfig.from_hparams(hparams)
+    if not net.stochastic:
         return "fcn"
-    if hparams.get("num_latent_scales") == 1 and hparams.get("num_groups_per_scale") == 1:
+    if net.num_latent_scales == 1 and net.num_groups_per_scale == 1:
         return "cvae"
     return "fusionvae"
 

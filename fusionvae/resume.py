@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint_paths import run_dir_of
 from .checksums import verify_checksum
 from .errors import CheckpointError, CheckpointNotFoundError
 from .network import NetworkConfig, legacy_overrides
-from .run_args import run_dir_of
 
 # model keys that may change on resume: they do not change the weights' shapes or meaning
 _NOT_ARCHITECTURE = {

@@ -8,12 +8,12 @@ import signal
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from .checkpoint_paths import resolve_ckpt_path
 from .errors import Preempted
 from .instantiate import build, finish
 from .preflight import check_settings, check_writable
 from .resilience import stop_outside_training
 from .resume import check_dataset, check_model, check_resumable, read_checkpoint
-from .run_args import resolve_ckpt_path
 from .run_lock import run_lock
 from .run_log import log_end, log_start
 

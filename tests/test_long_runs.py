@@ -20,10 +20,11 @@ from datamodules.images import encode_stack
 from datamodules.lmdb_store import LMDBReader, ensure_lmdb, is_complete
 from datamodules.tempfiles import HOST
 from fusionvae.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
-from fusionvae.errors import CheckpointError, FusionVAEError, TooManySkippedSteps, reported
+from fusionvae.errors import CheckpointError, FusionVAEError, TooManySkippedSteps
 from fusionvae.fuse import main as fuse_main
 from fusionvae.instantiate import build
 from fusionvae.lit_module import FusionVAEModule
+from fusionvae.reporting import reported
 from fusionvae.training import train
 from tests.conftest import ROOT, TINY, compose_cfg, save_checkpoint
 from tests.long_run_helpers import Poison

@@ -59,7 +59,8 @@ def test_no_overrides_gives_the_task_name_and_resume_keeps_the_id(hydra_cfg):
 def test_failures_reach_the_run_log_file_and_the_console_gets_one_line(tmp_path, capsys, monkeypatch):
     import logging
 
-    from fusionvae.errors import BadInputError, reported
+    from fusionvae.errors import BadInputError
+    from fusionvae.reporting import reported
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     handler, root = logging.FileHandler(tmp_path / "train.log"), logging.getLogger()
