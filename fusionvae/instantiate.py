@@ -72,7 +72,7 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     # Lightning refuses gradient_clip_val under manual optimisation: the module's step clips instead
     clip = cfg.trainer.get("gradient_clip_val")
     if model is not None and clip:
-        model.gradient_clip_val = float(clip)
+        model.step_engine.clip = float(clip)
     trainer = instantiate(
         cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False, gradient_clip_val=None
     )

@@ -1,8 +1,8 @@
 """LightningModule: training with a random K per batch, per-K validation NELBO, Adamax schedule.
 
 The objective itself lives in ``fusionvae.objective``, the optimiser and its schedule in
-``fusionvae.optim``, sampling in ``fusionvae.sampling``; this module wires them into Lightning and
-owns the skip policy for non-finite steps.
+``fusionvae.optim``, sampling in ``fusionvae.sampling``, the optimiser step with its skip policy for
+non-finite steps in ``fusionvae.step``; this module wires them into Lightning.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from lightning.pytorch.loggers import WandbLogger
 from datamodules.sampling import mix
 
 from .compile import compile_network
-from .errors import TooManySkippedSteps
-from .flat import flat_buffers, flat_parameters, is_flat, zero_gradients
 from .network import FusionVAE, NetworkConfig
 from .objective import (
     LossSettings,
@@ -31,6 +29,7 @@ from .objective import (
 )
 from .optim import OptimSettings, build_optimizer
 from .regularizers import SpectralPenalty, batchnorm_penalty
+from .step import SkipSafeStep, StepContext
 
 
 class FusionVAEModule(L.LightningModule):
@@ -84,11 +83,7 @@ class FusionVAEModule(L.LightningModule):
         self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
-        self.consecutive_skips = 0  # saved in checkpoints by on_save_checkpoint
-        self._flat_params: torch.nn.Parameter | None = None  # backs every parameter and gradient
-        self._flat_state: list[torch.Tensor] = []  # back the buffers a forward pass may change
-        self._saved_state: list[torch.Tensor] = []  # their copies, restored on a skipped step
-        self.gradient_clip_val: float | None = None  # trainer.gradient_clip_val, set by instantiate.build
+        self.step_engine = SkipSafeStep(self, self.loss_settings.max_consecutive_skips)
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
@@ -126,7 +121,7 @@ class FusionVAEModule(L.LightningModule):
         k = self.draw_k()
         torch.manual_seed(mix(self.hparams.seed, int(self.train_batches), self.global_rank))
         self.train_batches += 1
-        state = self._save_state()
+        self.step_engine.begin()
         self.spectral.start_step()
         terms = self.terms(batch, k)
         settings = self.loss_settings
@@ -135,12 +130,7 @@ class FusionVAEModule(L.LightningModule):
         )
         reg = self.regulariser()
         loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
-        grad_norm = self._optimise(loss, opt, sched)
-        if grad_norm is None:
-            self._skip(state, opt)
-            grad_norm = torch.tensor(float("nan"))
-        else:
-            self.consecutive_skips = 0
+        grad_norm = self.step_engine.finish(loss, opt, sched, self._step_context())
         self._log_training(terms, loss, reg, beta, grad_norm, k)
 
     def _log_training(self, terms: Terms, loss, reg, beta: float, grad_norm, k: int) -> None:
@@ -167,91 +157,25 @@ class FusionVAEModule(L.LightningModule):
     def _all_ranks(self, ok: torch.Tensor) -> bool:
         return self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True)
 
-    def _optimise(self, loss: torch.Tensor, opt, sched) -> torch.Tensor | None:
-        """Backward and step; the gradient norm, or None when the step is skipped.
-
-        Skipped: the loss or the gradient norm is non-finite on any rank. Then neither the
-        optimiser nor the LR scheduler steps, so ``global_step`` (optimiser steps), the LR
-        schedule and the KL warm-up (a function of ``global_step``) all count successful steps
-        only. With a GradScaler (fp16) a non-finite gradient lowers the loss scale instead."""
-        if not self._all_ranks(torch.isfinite(loss)):
-            return None
-        self._zero_grad(opt)
-        self.manual_backward(loss)
-        grad_norm = self._grad_norm()
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if not self._all_ranks(torch.isfinite(grad_norm)):
-            if scaler is not None:  # records the inf, then backs the scale off (no step)
-                scaler.unscale_(opt.optimizer)
-                scaler.update()
-            return None
-        if scaler is not None:  # the gradients are scaled; Lightning unscales them in opt.step()
-            grad_norm = grad_norm / scaler.get_scale()
-        self._clip(grad_norm)  # a factor on the (scaled) gradients: the same either way
-        opt.step()
-        sched.step()
-        return grad_norm
-
-    def _clip(self, grad_norm: torch.Tensor) -> None:
-        """Scale all gradients to norm ``gradient_clip_val`` when above it (``trainer.gradient_clip_val``;
-        Lightning's own clipping is not available under manual optimisation)."""
-        if not self.gradient_clip_val:
-            return
-        scale = (self.gradient_clip_val / (grad_norm + 1e-6)).clamp(max=1.0)
-        if self._flat_params is not None:
-            self._flat_params.grad.mul_(scale)  # one op for every gradient
-        else:
-            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None], scale)
-
-    def _zero_grad(self, opt) -> None:
-        if self._flat_params is None:  # an optimiser not from configure_optimizers
-            opt.zero_grad(set_to_none=True)
-        else:  # the gradients are views of one flat buffer: one op, and keep them linked
-            zero_gradients(self, self._flat_params)
-
-    def _grad_norm(self) -> torch.Tensor:
-        flat = self._flat_params
-        if flat is not None and is_flat(flat.grad, [p.grad for p in self.parameters()]):
-            return torch.linalg.vector_norm(flat.grad)  # one op over every gradient
-        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
-
-    def _save_state(self) -> list[torch.Tensor]:
-        """Copy every buffer a forward pass may change (BN running stats and counts,
-        power-iteration u / v; not the skip / batch counters), kept in one flat buffer per dtype,
-        so saving is a copy or two; returns those flat buffers for ``_skip``."""
-        state = [b for name, b in self.named_buffers() if name not in ("skipped_steps", "train_batches")]
-        if not self._flat_state or not all(any(is_flat(f, [b]) for f in self._flat_state) for b in state):
-            self._flat_state = flat_buffers(state)
-            self._saved_state = [torch.empty_like(f) for f in self._flat_state]
-        torch._foreach_copy_(self._saved_state, self._flat_state)
-        return self._flat_state
-
-    def _skip(self, state: list[torch.Tensor], opt) -> None:
-        """Undo what the skipped forward pass changed; stop after too many skips in a row."""
-        torch._foreach_copy_(state, self._saved_state)
-        self._zero_grad(opt)
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        limit = self.loss_settings.max_consecutive_skips
-        if limit is not None and self.consecutive_skips > limit:
-            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None) or "the checkpoints folder"
-            raise TooManySkippedSteps(
-                f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradients "
-                f"(limit model.loss.max_consecutive_skips={limit}) at step {self.global_step}; the checkpoints "
-                f"in {folder} are from before them: lower model.optim.lr or check the data, then resume"
-            )
+    def _step_context(self) -> StepContext:
+        return StepContext(
+            backward=self.manual_backward,
+            all_ranks=self._all_ranks,
+            scaler=getattr(self.trainer.precision_plugin, "scaler", None),
+            where=lambda: (self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None)),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         wandb_ids = [
             lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)
         ]
         checkpoint["fusionvae"] = {
-            "consecutive_skips": int(self.consecutive_skips),
+            "consecutive_skips": int(self.step_engine.consecutive_skips),
             "wandb_id": str(wandb_ids[0]) if wandb_ids and wandb_ids[0] else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
+        self.step_engine.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
         state = checkpoint.get("state_dict", {})
         if any(key.startswith("net.dec_cells.") for key in state):  # written before LatentGroup
             # convs are ordered differently now: start the power iteration afresh (init_steps)
@@ -288,8 +212,6 @@ class FusionVAEModule(L.LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        # the model is on its device by now; object.__setattr__: not a registered parameter of its own
-        object.__setattr__(self, "_flat_params", flat_parameters(self))
-        return build_optimizer(
-            [self._flat_params], self.optim_settings, self.trainer.estimated_stepping_batches, epochs
-        )
+        # the model is on its device by now
+        flat = self.step_engine.flat_parameters()
+        return build_optimizer([flat], self.optim_settings, self.trainer.estimated_stepping_batches, epochs)

@@ -54,7 +54,7 @@ def test_bad_values_are_refused_before_any_data_work(tmp_path: Path, override: s
 @pytest.mark.parametrize("value, expected", [("0", None), ("null", None), ("0.5", 0.5)])
 def test_zero_or_null_means_no_clipping(tmp_path: Path, value: str, expected):
     _, model, trainer = build(_cfg(tmp_path, f"trainer.gradient_clip_val={value}", "model.optim.lr_min=0"))
-    assert model.gradient_clip_val == expected and trainer.gradient_clip_val is None
+    assert model.step_engine.clip == expected and trainer.gradient_clip_val is None
 
 
 def test_cli_gives_one_error_line_and_exit_1(tmp_path: Path):

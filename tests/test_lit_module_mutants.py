@@ -119,9 +119,10 @@ def test_init_buffers_and_state():
     assert "kl_alpha" not in sd and "kl_alpha" in dict(m.named_buffers())  # not persistent
     for name in ("skipped_steps", "train_batches"):
         assert sd[name].dtype == torch.long and sd[name].shape == () and int(sd[name]) == 0
-    assert m.consecutive_skips == 0 and m._flat_params is None
-    assert m._flat_state == [] and m._saved_state == []
-    assert m.automatic_optimization is False and m.gradient_clip_val is None
+    engine = m.step_engine
+    assert engine.consecutive_skips == 0 and engine.flat is None and engine.module is m
+    assert engine.max_consecutive_skips == 50 and "step_engine" not in "".join(sd)  # no state-dict keys of its own
+    assert m.automatic_optimization is False and engine.clip is None
 
 
 def test_draw_k_exact_seed():
@@ -155,7 +156,7 @@ def test_training_step_logs_exact_values_and_options():
     m = module(seed=5, loss={"kl_min_beta": 0.25})
     attach(m, rank=1, total=100)
     with_optimizer(m)
-    m.consecutive_skips = 3
+    m.step_engine.consecutive_skips = 3
     seen = {}
     terms_fn, reg_fn = m.terms, m.regulariser
 
@@ -172,7 +173,7 @@ def test_training_step_logs_exact_values_and_options():
     k = m.draw_k()
     m.training_step(batch(), 0)
     assert seen["seed"] == mix(5, 0, 1) and seen["k"] == k
-    assert int(m.train_batches) == 1 and m.consecutive_skips == 0 and int(m.skipped_steps) == 0
+    assert int(m.train_batches) == 1 and m.step_engine.consecutive_skips == 0 and int(m.skipped_steps) == 0
     (logged,), kw = m.log_dict.calls[0]
     assert kw == dict(prog_bar=False, on_step=True, on_epoch=False, batch_size=3)
     assert set(logged) == {
@@ -224,7 +225,7 @@ def test_skipped_steps_restore_buffers_and_count():
     before = {n: b.clone() for n, b in m.named_buffers() if n not in ("skipped_steps", "train_batches")}
     for i in (1, 2):
         m.training_step(batch(nan=True), i)
-        assert int(m.skipped_steps) == i and m.consecutive_skips == i
+        assert int(m.skipped_steps) == i and m.step_engine.consecutive_skips == i
         logged = m.log_dict.calls[-1][0][0]
         assert torch.isnan(logged["train/grad_norm"]) and float(logged["train/skipped_steps"]) == i
     for n, b in m.named_buffers():
@@ -233,37 +234,40 @@ def test_skipped_steps_restore_buffers_and_count():
     assert all(p.grad is None for p in m.parameters())  # plain optimiser: zero_grad(set_to_none=True)
     assert int(m.train_batches) == 3
     m.training_step(batch(), 3)
-    assert m.consecutive_skips == 0 and int(m.skipped_steps) == 2
+    assert m.step_engine.consecutive_skips == 0 and int(m.skipped_steps) == 2
 
 
 def test_too_many_skips_message():
     m = module(loss={"max_consecutive_skips": 2})
     attach(m, step=17, ckpt_cb=types.SimpleNamespace(dirpath="/runs/x/checkpoints"))
     opt, _ = with_optimizer(m)
-    state = m._save_state()
-    m.consecutive_skips = 1
-    m._skip(state, opt)  # 2 is not over the limit
-    assert m.consecutive_skips == 2 and int(m.skipped_steps) == 1
+    m.step_engine.begin()
+    m.step_engine.consecutive_skips = 1
+    m.step_engine.skip(opt, *m._step_context().where())  # 2 is not over the limit
+    assert m.step_engine.consecutive_skips == 2 and int(m.skipped_steps) == 1
     msg = (
         "3 consecutive training steps had a non-finite loss or gradients (limit model.loss.max_consecutive_skips=2) "
         "at step 17; the checkpoints in /runs/x/checkpoints are from before them: lower model.optim.lr or check "
         "the data, then resume"
     )
+    m.step_engine.begin()
     with pytest.raises(TooManySkippedSteps) as err:
-        m._skip(m._save_state(), opt)
+        m.step_engine.skip(opt, *m._step_context().where())
     assert str(err.value) == msg
     for cb in (None, types.SimpleNamespace(dirpath=None)):
         m._trainer.checkpoint_callback = cb
-        m.consecutive_skips = 2
+        m.step_engine.consecutive_skips = 2
+        m.step_engine.begin()
         with pytest.raises(TooManySkippedSteps) as err:
-            m._skip(m._save_state(), opt)
+            m.step_engine.skip(opt, *m._step_context().where())
         assert "the checkpoints in the checkpoints folder are from before them" in str(err.value)
     unlimited = module(loss={"max_consecutive_skips": None})
     attach(unlimited)
     opt, _ = with_optimizer(unlimited)
-    unlimited.consecutive_skips = 10_000
-    unlimited._skip(unlimited._save_state(), opt)
-    assert unlimited.consecutive_skips == 10_001
+    unlimited.step_engine.consecutive_skips = 10_000
+    unlimited.step_engine.begin()
+    unlimited.step_engine.skip(opt, *unlimited._step_context().where())
+    assert unlimited.step_engine.consecutive_skips == 10_001
 
 
 def test_skip_restores_saved_buffers_and_zeroes_flat_grads():
@@ -272,22 +276,22 @@ def test_skip_restores_saved_buffers_and_zeroes_flat_grads():
     opt, _ = with_optimizer(m)
     buf = m.spectral.u0
     saved = buf.clone()
-    state = m._save_state()
+    m.step_engine.begin()
     buf.add_(1.0)
-    m._flat_params.grad.fill_(3.0)
-    m._skip(state, None)  # the flat path needs no optimiser
-    assert torch.equal(buf, saved) and torch.count_nonzero(m._flat_params.grad) == 0
+    m.step_engine.flat.grad.fill_(3.0)
+    m.step_engine.skip(None, 0, None)  # the flat path needs no optimiser
+    assert torch.equal(buf, saved) and torch.count_nonzero(m.step_engine.flat.grad) == 0
 
 
 def test_save_state_excludes_counters_and_refreshes_on_new_storage():
     m = module()
-    s1 = m._save_state()
+    s1 = m.step_engine.begin()
     assert not any(is_flat(f, [m.skipped_steps]) or is_flat(f, [m.train_batches]) for f in s1)
     assert any(is_flat(f, [m.spectral.u0]) for f in s1)
-    s2 = m._save_state()
+    s2 = m.step_engine.begin()
     assert len(s1) == len(s2) and all(a is b for a, b in zip(s1, s2))  # still flat: reused
     m.spectral.u0 = m.spectral.u0.clone()  # new storage (as after a device move)
-    s3 = m._save_state()
+    s3 = m.step_engine.begin()
     assert any(is_flat(f, [m.spectral.u0]) for f in s3) and not any(a is b for a, b in zip(s1, s3))
 
 
@@ -306,8 +310,8 @@ def test_zero_grad_and_grad_norm_plain_optimiser():
     for i, p in enumerate(params):
         p.grad = None if i == 0 else torch.full_like(p, 0.5)
     expected = 0.5 * sum(p.numel() for p in params[1:]) ** 0.5
-    torch.testing.assert_close(m._grad_norm(), torch.tensor(expected))
-    m._zero_grad(opt)
+    torch.testing.assert_close(m.step_engine.grad_norm(), torch.tensor(expected))
+    m.step_engine.zero_grad(opt)
     assert all(p.grad is None for p in params)
 
 
@@ -315,14 +319,14 @@ def test_grad_norm_flat_is_one_op_and_checks_linkage(monkeypatch):
     m = module()
     attach(m)
     with_optimizer(m)
-    m._flat_params.grad.fill_(2.0)
-    n = m._flat_params.numel()
+    m.step_engine.flat.grad.fill_(2.0)
+    n = m.step_engine.flat.numel()
     with monkeypatch.context() as mp:
         mp.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("not the flat path"))
-        torch.testing.assert_close(m._grad_norm(), torch.tensor(2.0 * n**0.5))
+        torch.testing.assert_close(m.step_engine.grad_norm(), torch.tensor(2.0 * n**0.5))
     for p in m.parameters():  # unlinked from the flat gradient
         p.grad = torch.ones_like(p)
-    torch.testing.assert_close(m._grad_norm(), torch.tensor(float(n) ** 0.5))
+    torch.testing.assert_close(m.step_engine.grad_norm(), torch.tensor(float(n) ** 0.5))
 
 
 def test_optimise_reports_unscaled_norm_and_clips_scaled_grads():
@@ -331,21 +335,21 @@ def test_optimise_reports_unscaled_norm_and_clips_scaled_grads():
     attach(m, scaler=scaler)
     opt, sched = with_optimizer(m)
     wrapped = types.SimpleNamespace(optimizer=opt, step=opt.step)
-    m.gradient_clip_val = 1e-3  # in true units: the scaled gradients end at norm 1e-3 * scale
-    norm = m._optimise(m.regulariser(), wrapped, sched)
+    m.step_engine.clip = 1e-3  # in true units: the scaled gradients end at norm 1e-3 * scale
+    norm = m.step_engine.optimise(m.regulariser(), wrapped, sched, m._step_context())
     assert scaler.events == [] and norm > 1e-2  # Lightning unscales in opt.step()
-    torch.testing.assert_close(torch.linalg.vector_norm(m._flat_params.grad), torch.tensor(4e-3), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.linalg.vector_norm(m.step_engine.flat.grad), torch.tensor(4e-3), rtol=1e-4, atol=0)
 
 
 def test_clip_epsilon_is_added():
     m = module()
     attach(m)
     with_optimizer(m)
-    m._flat_params.grad.zero_()
-    m._flat_params.grad[0] = 1e-5
-    m.gradient_clip_val = 0.5e-5
-    m._clip(torch.tensor(1e-5))
-    torch.testing.assert_close(m._flat_params.grad[0], torch.tensor(0.5e-5 / 1.1e-5 * 1e-5), rtol=1e-6, atol=0)
+    m.step_engine.flat.grad.zero_()
+    m.step_engine.flat.grad[0] = 1e-5
+    m.step_engine.clip = 0.5e-5
+    m.step_engine.clip_gradients(torch.tensor(1e-5))
+    torch.testing.assert_close(m.step_engine.flat.grad[0], torch.tensor(0.5e-5 / 1.1e-5 * 1e-5), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -353,18 +357,18 @@ def test_clip_scales_gradients_to_the_limit(flat):
     m = module()
     attach(m)
     opt, sched = with_optimizer(m, flat=flat)
-    m._zero_grad(opt)
+    m.step_engine.zero_grad(opt)
     m.regulariser().backward()
     grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
-    norm = m._grad_norm()
-    m._clip(norm)  # gradient_clip_val None: unchanged
+    norm = m.step_engine.grad_norm()
+    m.step_engine.clip_gradients(norm)  # gradient_clip_val None: unchanged
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, [p for p in m.parameters() if p.grad is not None]))
-    m.gradient_clip_val = float(norm) * 10
-    m._clip(norm)  # below the limit: unchanged
+    m.step_engine.clip = float(norm) * 10
+    m.step_engine.clip_gradients(norm)  # below the limit: unchanged
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, [p for p in m.parameters() if p.grad is not None]))
-    m.gradient_clip_val = float(norm) / 4
-    m._clip(norm)
-    torch.testing.assert_close(m._grad_norm(), norm / 4, rtol=1e-5, atol=0)
+    m.step_engine.clip = float(norm) / 4
+    m.step_engine.clip_gradients(norm)
+    torch.testing.assert_close(m.step_engine.grad_norm(), norm / 4, rtol=1e-5, atol=0)
 
 
 def test_configure_model_compiles_only_when_asked(monkeypatch):
@@ -386,7 +390,7 @@ def test_optimise_plain_optimiser_steps():
     attach(m)
     opt, sched = with_optimizer(m, flat=False)
     before = [p.detach().clone() for p in m.parameters()]
-    norm = m._optimise(m.regulariser(), opt, sched)
+    norm = m.step_engine.optimise(m.regulariser(), opt, sched, m._step_context())
     assert norm is not None and torch.isfinite(norm)
     assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
 
@@ -400,8 +404,8 @@ def test_configure_optimizers_flat_and_schedule(max_epochs, warmup):
     conf = m.configure_optimizers()
     opt = conf["optimizer"]
     assert conf["lr_scheduler"]["interval"] == "step"
-    assert opt.param_groups[0]["params"] == [m._flat_params] and len(list(m.parameters())) == count
-    assert m._flat_params.numel() == sum(p.numel() for p in m.parameters())
+    assert opt.param_groups[0]["params"] == [m.step_engine.flat] and len(list(m.parameters())) == count
+    assert m.step_engine.flat.numel() == sum(p.numel() for p in m.parameters())
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / warmup)
 
 
@@ -443,7 +447,7 @@ class FakeWandb(WandbLogger):
 
 def test_on_save_checkpoint():
     m = module()
-    m.consecutive_skips = 4
+    m.step_engine.consecutive_skips = 4
     ckpt = {}
     m.on_save_checkpoint(ckpt)
     assert ckpt == {"fusionvae": {"consecutive_skips": 4, "wandb_id": None}}
@@ -463,12 +467,12 @@ def test_on_save_checkpoint():
 def test_on_load_checkpoint_restores_skips_and_restarts_old_spectral():
     m = module()
     m.on_load_checkpoint({"fusionvae": {"consecutive_skips": 6}, "state_dict": {}})
-    assert m.consecutive_skips == 6 and type(m.consecutive_skips) is int
+    assert m.step_engine.consecutive_skips == 6 and type(m.step_engine.consecutive_skips) is int
     m.on_load_checkpoint({})
-    assert m.consecutive_skips == 0
-    m.consecutive_skips = 5
+    assert m.step_engine.consecutive_skips == 0
+    m.step_engine.consecutive_skips = 5
     m.on_load_checkpoint({"fusionvae": {}})
-    assert m.consecutive_skips == 0
+    assert m.step_engine.consecutive_skips == 0
     new = {"net.cells.0.w": torch.ones(1), "spectral.initialised": torch.tensor(True)}
     m.on_load_checkpoint({"state_dict": new})
     assert list(new) == ["net.cells.0.w", "spectral.initialised"] and bool(new["spectral.initialised"])

@@ -240,13 +240,13 @@ def test_gradient_clip_val_is_honoured_by_the_manual_step(data_dir, tmp_path):
         "trainer.gradient_clip_val=0.5",
     )
     datamodule, model, trainer = build(cfg)
-    assert trainer.gradient_clip_val is None and model.gradient_clip_val == 0.5
+    assert trainer.gradient_clip_val is None and model.step_engine.clip == 0.5
 
     norms = []
 
     class Clipped(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            norms.append(float(torch.linalg.vector_norm(pl_module._flat_params.grad)))
+            norms.append(float(torch.linalg.vector_norm(pl_module.step_engine.flat.grad)))
 
     trainer.callbacks.append(Clipped())
     trainer.fit(model, datamodule=datamodule)
