@@ -27,7 +27,7 @@ IMAGES = {"celeba": (3, 64), "mnist": (1, 32), "tiny": (1, 32)}
 
 def one_step(size: str, k: int, batch: int, checkpointing: bool) -> dict:
     sys.path.insert(0, str(ROOT))
-    from fusionvae.network import FusionVAE
+    from fusionvae.model.network import FusionVAE
 
     channels, image = IMAGES[size]
     sizes = yaml.safe_load((ROOT / "conf" / "model" / "size" / f"{size}.yaml").read_text())

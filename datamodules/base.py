@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampling import DeferredLoader, EpochSampler, batches_done
+from datamodules.training_order import DeferredLoader, EpochSampler, batches_done
 
 
 class FusionDataModule(L.LightningDataModule):
@@ -18,7 +18,7 @@ class FusionDataModule(L.LightningDataModule):
 
     Training batches come from an ``EpochSampler``: their order and every random draw of the
     training data are functions of (``seed``, epoch, sample index), so a resumed run sees the same
-    batches as an uninterrupted one (``datamodules.sampling``); ``seed`` is the run's ``seed``.
+    batches as an uninterrupted one (``datamodules.training_order``); ``seed`` is the run's ``seed``.
 
     ``channels``, ``image_size`` and ``k_max`` are checked against the first item of each split
     when its loader is made (``check_items``); ``crop`` (border pixels left out

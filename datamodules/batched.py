@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.corruption import make_stack
-from datamodules.sampling import split_keys
+from datamodules.training_order import split_keys
 
 
 class BatchedDataset(Dataset):

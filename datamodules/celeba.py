@@ -1,7 +1,7 @@
 """FusionCelebA (docs/design.md §2): 64x64 RGB faces seen through ellipse windows.
 
 Train: clean faces from ``<lmdb_dir>/train``, a random horizontal flip and a fresh corruption per
-fetch, drawn per item from (seed, epoch, index) (``datamodules.sampling``), so runs and resumed
+fetch, drawn per item from (seed, epoch, index) (``datamodules.training_order``), so runs and resumed
 runs are reproducible. Validation / test: the stacks stored in ``<lmdb_dir>/valid`` and
 ``.../test`` (corruption drawn once from ``val_seed``). ``prepare_data`` builds missing LMDBs
 (``datamodules.make_celeba``).

@@ -1,5 +1,5 @@
 """Errors of the LMDBs (ours, ``datamodules.lmdb_store``, and the official ones) that the user fixes,
-and the mapping of lmdb's own exceptions onto them; ``fusionvae.errors.reported`` prints each as one
+and the mapping of lmdb's own exceptions onto them; ``fusionvae.jobs.reporting.reported`` prints each as one
 line ``error: <message>``.
 
 - ``LMDBDamagedError``: lmdb found a broken page, header or length field in ``data.mdb``

@@ -1,7 +1,7 @@
 """FusionMNIST (docs/design.md §2): MNIST zero-padded 28 -> 32, 1 channel, ellipse-window views.
 
 Train: the 60k training digits with a fresh corruption on every fetch, drawn per item from
-(seed, epoch, index) (``datamodules.sampling``), so runs and resumed runs are reproducible.
+(seed, epoch, index) (``datamodules.training_order``), so runs and resumed runs are reproducible.
 Validation / test: the 10k t10k digits with one fixed corruption drawn from ``val_seed`` in
 ``setup`` and stored as uint8.
 """

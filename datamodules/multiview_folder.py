@@ -26,7 +26,7 @@ from datamodules.lmdb_env import resolve
 from datamodules.lmdb_store import LMDBReader, StoredStacks
 from datamodules.make_image_folder import rebuild_hint
 from datamodules.make_multiview import MultiviewSpec, build_multiview
-from datamodules.sampling import split_keys
+from datamodules.training_order import split_keys
 
 
 class SceneStacks(BatchedDataset):

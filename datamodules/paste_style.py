@@ -29,7 +29,7 @@ from datamodules.errors import DataError
 from datamodules.folder_scan import UNREADABLE, FolderScan, describe_failures, scan_folder, why_unreadable
 from datamodules.images import luminance
 from datamodules.paste import PasteParams, compose_views
-from datamodules.sampling import split_keys
+from datamodules.training_order import split_keys
 
 _BANKS: dict[tuple, torch.Tensor] = {}  # (folder, fingerprint, size, channels) -> uint8 bank, per process
 

@@ -1,6 +1,6 @@
 """Temporary files and folders named after their writer, so leftovers of killed runs can be found.
 
-Atomic writers (LMDBs in ``datamodules.lmdb_store``, checkpoints in ``fusionvae.checkpoint_io``)
+Atomic writers (LMDBs in ``datamodules.lmdb_store``, checkpoints in ``fusionvae.training.checkpoint_io``)
 write to ``<hidden name><mark><pid>-<host>-<random>`` and rename when complete. A process killed
 mid-write (SIGKILL, OOM, power loss) leaves that temporary behind; it is never read as data, and
 ``remove_stale`` deletes the ones whose writer is no longer alive.

@@ -2,7 +2,7 @@
 
 Train: an object image from ``<lmdb_dir>/objects_train`` area-resized to ``image_size`` is the
 target; each of the k_max views pastes fresh occluders (``datamodules.paste``, vectorised over
-the batch, drawn per item from (seed, epoch, index): ``datamodules.sampling``). The occluder pool
+the batch, drawn per item from (seed, epoch, index): ``datamodules.training_order``). The occluder pool
 is decoded into memory once in ``setup`` (before the DataLoader workers start, so forked workers
 share it). Validation / test: the fixed stacks of ``<lmdb_dir>/val``. ``prepare_data`` builds
 missing LMDBs (``datamodules.make_tless``).
@@ -22,7 +22,7 @@ from datamodules.batched import BatchedDataset
 from datamodules.lmdb_store import LMDBReader, StoredStacks, remove_stale_temps
 from datamodules.make_tless import OBJECT_IDS, OCCLUDER_IDS, PoolSpec, ValSpec, build_pools, build_val, regenerate_hint
 from datamodules.paste import PasteParams, compose_views, load_occluder_bank, object_targets
-from datamodules.sampling import split_keys
+from datamodules.training_order import split_keys
 
 
 class OccludedObjects(BatchedDataset):

@@ -1,6 +1,6 @@
 """Errors a user can fix, reported by the entry points as one line (no traceback).
 
-The entry points (``fusionvae.reporting.reported``) print ``error: <message>`` for these; set
+The entry points (``fusionvae.jobs.reporting.reported``) print ``error: <message>`` for these; set
 ``HYDRA_FULL_ERROR=1`` to see the traceback instead. The subclasses also derive from the
 built-in type a caller would expect (FileNotFoundError, ValueError, ...). This module is the
 base of the package: it imports nothing of it, nor of ``datamodules``.
@@ -54,7 +54,7 @@ class Preempted(FusionVAEError):
 
 
 class RunFolderInUseError(FusionVAEError, FileExistsError):
-    """Another training job holds the run folder's lock (``fusionvae.run_lock``)."""
+    """Another training job holds the run folder's lock (``fusionvae.training.run_lock``)."""
 
 
 # the OS errors of writing files that the user fixes, not the code, and how

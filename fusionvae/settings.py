@@ -11,7 +11,7 @@ import difflib
 import inspect
 from dataclasses import fields
 
-from .errors import BadInputError
+from fusionvae.errors import BadInputError
 
 _SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
 _LISTED = 16  # known keys named in the error, up to this many

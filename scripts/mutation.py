@@ -38,16 +38,19 @@ EQUIVALENTS_DOC = ROOT / "docs" / "mutation.md"
 # [tool.mutmut] table of pyproject.toml (only_mutate, and the tests in the test selection).
 MODULES: dict[str, tuple[str, list[str]]] = {
     "distributions": (
-        "fusionvae/distributions.py",
+        "fusionvae/model/distributions.py",
         ["tests/test_distributions.py", "tests/test_sampling_values.py", "tests/test_aggregation.py"],
     ),
-    "aggregation": ("fusionvae/aggregation.py", ["tests/test_aggregation.py"]),
+    "aggregation": ("fusionvae/model/aggregation.py", ["tests/test_aggregation.py"]),
     "corruption": ("datamodules/corruption.py", ["tests/test_corruption.py"]),
     "lmdb_store": ("datamodules/lmdb_store.py", ["tests/test_lmdb_store.py", "tests/test_safety_paths.py"]),
-    "checkpoint_io": ("fusionvae/checkpoint_io.py", ["tests/test_checkpoint_io.py", "tests/test_safety_paths.py"]),
+    "checkpoint_io": (
+        "fusionvae/training/checkpoint_io.py",
+        ["tests/test_checkpoint_io.py", "tests/test_safety_paths.py"],
+    ),
     "lmdb_env": ("datamodules/lmdb_env.py", ["tests/test_lmdb_store.py"]),
     "objective": (
-        "fusionvae/objective.py",
+        "fusionvae/model/objective.py",
         [
             "tests/test_objective.py",
             "tests/test_regularizers.py",
@@ -56,16 +59,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "optim": (
-        "fusionvae/optim.py",
+        "fusionvae/training/optim.py",
         ["tests/test_optim.py", "tests/test_regularizers.py", "tests/test_objective_values.py"],
     ),
-    "flat": ("fusionvae/flat.py", ["tests/test_flat.py", "tests/test_objective_values.py"]),
+    "flat": ("fusionvae/training/flat.py", ["tests/test_flat.py", "tests/test_objective_values.py"]),
     "lit_module": (
-        "fusionvae/lit_module.py",
+        "fusionvae/training/module.py",
         ["tests/test_lit_module.py", "tests/test_objective_values.py", "tests/test_lit_module_mutants.py"],
     ),
     "evaluation": (
-        "fusionvae/evaluation.py",
+        "fusionvae/evaluation/evaluator.py",
         ["tests/test_eval_values.py", "tests/test_evaluation.py", "tests/test_evaluation_mutants.py"],
     ),
 }

@@ -7,7 +7,7 @@ Trains every model of the budget (``Budget.seeds``: FusionVAE at both aggregatio
 and FCN baselines; ``--runs`` adds the ablation) once per seed with ``train.py`` (``seed=<s>``:
 initialisation, data order, corruption and K draws all change), evaluates each run with
 ``evaluate.py`` on the same first ``eval_items`` test items (with the digit classifier of
-``fusionvae.classifier``, trained once and cached) and writes the page (``scripts/results_page.py``).
+``fusionvae.evaluation.classifier``, trained once and cached) and writes the page (``scripts/results_page.py``).
 Runs live in ``<log_dir>/reproduce/<budget>/`` as ``<model>_s<seed>``; a finished run is not
 redone, an interrupted one resumes from its last.ckpt, so rerunning the command continues.
 """
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fusionvae.classifier import ensure_classifier  # noqa: E402
+from fusionvae.evaluation.classifier import ensure_classifier  # noqa: E402
 from scripts.results_page import commit, hardware, write_page  # noqa: E402
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fusionvae.report import headers_for, markdown_table, plot_metrics_vs_k, read_per_item  # noqa: E402
+from fusionvae.evaluation.report import headers_for, markdown_table, plot_metrics_vs_k, read_per_item  # noqa: E402
 from scripts.page_discussion import discussion_section, kept_discussion  # noqa: E402
 from scripts.page_stats import VERDICT_RULE, model_difference, over_seeds, view_change  # noqa: E402
 
@@ -200,7 +200,7 @@ def facts_section(runs, facts: dict, data: dict[str, dict]) -> str:
         f"- evaluation: the same first {first.get('items')} test items for every run (fixed corruption, "
         f"`dataset.val_seed`), S = {budget.iw_samples} importance samples, N = {budget.num_samples} samples at "
         f"t = 1 (mean images); per-item values in each run's `per_item.csv`\n"
-        f"- digit classifier (`fusionvae.classifier`): {facts['classifier_accuracy']:.4f} accuracy on clean "
+        f"- digit classifier (`fusionvae.evaluation.classifier`): {facts['classifier_accuracy']:.4f} accuracy on clean "
         f"MNIST test digits\n"
         f"- wall time: {sum(i['minutes'] for i in made):.1f} min; {total / 60:.1f} min of run time summed over "
         f"runs (train + eval seconds per run below)\n\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from fusionvae.resilience import stop_requested
+from fusionvae.training.resilience import stop_requested
 
 
 class SignalAt(L.Callback):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from fusionvae.aggregation import AGGREGATIONS, aggregate_params, check_aggregation, pool_features
-from fusionvae.distributions import Normal
+from fusionvae.model.aggregation import AGGREGATIONS, aggregate_params, check_aggregation, pool_features
+from fusionvae.model.distributions import Normal
 
 
 def raw(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ import torch
 from conftest import TINY as TINY_OVERRIDES
 from conftest import compose_cfg
 
-from fusionvae.aggregation import aggregate_params
-from fusionvae.distributions import Normal
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.network import FusionVAE
+from fusionvae.model.aggregation import aggregate_params
+from fusionvae.model.distributions import Normal
+from fusionvae.model.network import FusionVAE
+from fusionvae.training.module import FusionVAEModule
 from tests.test_network import TINY, data, tiny
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fusionvae import cli
+from fusionvae.jobs import cli
 from tests.conftest import TINY
 
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fusionvae.errors import BadInputError
-from fusionvae.instantiate import build
-from fusionvae.training import train
+from fusionvae.jobs.train import train
+from fusionvae.training.build import build
 from tests.conftest import ROOT, TINY, compose_cfg
 
 CLIP = "trainer.gradient_clip_val must be >= 0 (0 or null: no clipping), got "

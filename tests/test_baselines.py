@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fusionvae.training import train
+from fusionvae.jobs.train import train
 from tests.conftest import CONF, ROOT, TINY, compose_cfg
 
 

@@ -15,12 +15,12 @@ import lightning as L
 import pytest
 import torch
 
-from fusionvae.checkpoint_io import AtomicCheckpointIO
 from fusionvae.errors import CheckpointError
-from fusionvae.evaluate_job import run_evaluation
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.resume import read_checkpoint
-from fusionvae.training import train
+from fusionvae.jobs.evaluate import run_evaluation
+from fusionvae.jobs.train import train
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO
+from fusionvae.training.module import FusionVAEModule
+from fusionvae.training.resume import read_checkpoint
 from tests.conftest import ROOT, TINY, compose_cfg, save_checkpoint
 from tests.test_network import TINY as TINY_NET
 

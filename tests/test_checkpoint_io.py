@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes and the clean-up of their leftovers (fusionvae/checkpoint_io.py)."""
+"""Atomic checkpoint writes and the clean-up of their leftovers (fusionvae/training/checkpoint_io.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from datamodules.tempfiles import HOST
-from fusionvae.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
 
 
 def dead_pid() -> int:
@@ -35,7 +35,7 @@ def test_remove_stale_temps_deletes_dead_and_foreign_writers_only(tmp_path: Path
     keep = [tmp_path / "last.ckpt", tmp_path / ".hidden", live]
     for p in (dead, remote, *keep):
         p.write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="fusionvae.checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="fusionvae.training.checkpoint_io"):
         removed = remove_stale_temps(tmp_path)
     assert sorted(removed) == sorted([dead, remote])
     assert sorted(tmp_path.iterdir()) == sorted(keep)

@@ -13,9 +13,9 @@ from conftest import ROOT, compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fusionvae.checkpoint_io import AtomicCheckpointIO
 from fusionvae.errors import BadInputError
-from fusionvae.launcher import size_launcher
+from fusionvae.jobs.slurm import size_launcher
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 

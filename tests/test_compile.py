@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fusionvae.compile import compile_network, is_compiled
-from fusionvae.instantiate import build
+from fusionvae.training.build import build
+from fusionvae.training.compile import compile_network, is_compiled
 from tests.conftest import TINY, compose_cfg
 from tests.test_network import data, tiny
 
@@ -117,7 +117,7 @@ def test_reduce_overhead_on_cpu_fails_before_training(data_dir, tmp_path):
 
 def test_resume_may_switch_compile_on_or_off(tmp_path):
     """``compile`` / ``compile_mode`` do not change the weights: resuming with other values is allowed."""
-    from fusionvae.resume import check_model
+    from fusionvae.training.resume import check_model
 
     model = compose_cfg("train", [*TINY, "model.compile=true", "model.compile_mode=reduce-overhead"]).model
     hparams = {**compose_cfg("train", TINY).model, "compile": False, "compile_mode": "default"}

@@ -109,7 +109,7 @@ def test_experiment_task_name_is_used(experiment):
 
 
 def test_none_options_disable_loggers_and_callbacks():
-    from fusionvae.instantiate import build_list
+    from fusionvae.training.build import build_list
 
     cfg = compose_cfg("train", ["logger=none", "callbacks=none"])
     assert build_list(cfg.logger) == [] and build_list(cfg.callbacks) == []
@@ -117,7 +117,7 @@ def test_none_options_disable_loggers_and_callbacks():
 
 def test_gradient_accumulation_is_refused_in_one_line_before_any_work():
     from fusionvae.errors import BadInputError
-    from fusionvae.preflight import check_settings
+    from fusionvae.training.preflight import check_settings
 
     cfg = compose_cfg("train", ["+trainer.accumulate_grad_batches=2", "trainer=cpu"])
     with pytest.raises(BadInputError, match=r"accumulate_grad_batches is not supported .* raise dataset.batch_size"):

@@ -15,10 +15,10 @@ from datamodules.base import FusionDataModule
 from datamodules.make_celeba import CelebASpec
 from datamodules.make_tless import PoolSpec
 from datamodules.paste import PasteParams
-from fusionvae.evaluation import EvalSettings
-from fusionvae.network import NetworkConfig
-from fusionvae.objective import LossSettings
-from fusionvae.optim import OptimSettings
+from fusionvae.evaluation.evaluator import EvalSettings
+from fusionvae.model.network_config import NetworkConfig
+from fusionvae.model.objective import LossSettings
+from fusionvae.training.optim import OptimSettings
 
 
 def python_defaults(obj) -> dict[str, object]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 
-from fusionvae.instantiate import build, resolve_precision
+from fusionvae.training.build import build, resolve_precision
 from tests.conftest import TINY, compose_cfg
 
 

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from fusionvae.distributions import LIKELIHOODS, Bernoulli, DiscMixLogistic, Likelihood, Normal, _expected_level
+from fusionvae.model.distributions import LIKELIHOODS, Bernoulli, DiscMixLogistic, Likelihood, Normal, _expected_level
 
 
 def all_grey_values(shape=(2, 3)):

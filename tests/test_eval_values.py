@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fusionvae.evaluation import EvalSettings, Evaluator, evaluate_batch
-from fusionvae.lit_module import FusionVAEModule
+from fusionvae.evaluation.evaluator import EvalSettings, Evaluator, evaluate_batch
+from fusionvae.training.module import FusionVAEModule
 from tests.test_network import TINY
 from tests.test_objective_values import ForwardRng, replaying
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from fusionvae.bn_readjust import batchnorm_layers, readjust_bn
-from fusionvae.distributions import Normal
-from fusionvae.evaluate_job import run_evaluation
-from fusionvae.evaluation import EvalSettings, evaluate_batch, importance_weighted
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.objective import log_likelihood, split_views
-from fusionvae.sampling import draw, fusion_grid
+from fusionvae.evaluation.bn_readjust import batchnorm_layers, readjust_bn
+from fusionvae.evaluation.evaluator import EvalSettings, evaluate_batch, importance_weighted
+from fusionvae.jobs.evaluate import run_evaluation
+from fusionvae.model.distributions import Normal
+from fusionvae.model.objective import log_likelihood, split_views
+from fusionvae.model.sampling import draw, fusion_grid
+from fusionvae.training.module import FusionVAEModule
 from tests.conftest import TINY, compose_cfg, save_checkpoint
 
 

@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 from torchvision.io import read_image
 from torchvision.utils import save_image
 
-import fusionvae.evaluate_job as job
-import fusionvae.evaluation as ev
+import fusionvae.evaluation.evaluator as ev
+import fusionvae.jobs.evaluate as job
 from fusionvae.errors import BadInputError, CheckpointError
-from fusionvae.evaluation import EvalSettings, Evaluator
-from fusionvae.lit_module import FusionVAEModule
+from fusionvae.evaluation.evaluator import EvalSettings, Evaluator
+from fusionvae.training.module import FusionVAEModule
 from tests.conftest import save_checkpoint
 from tests.test_network import TINY
 
@@ -71,7 +71,7 @@ def test_test_step_moments_exact_count_and_device(monkeypatch):
 
 
 def test_test_step_passes_the_loaded_classifier(monkeypatch, tmp_path):
-    from fusionvae import classifier as digits
+    from fusionvae.evaluation import classifier as digits
 
     path = digits.save(digits.ImageClassifier(size=32), tmp_path / "digits.pt", 0.75)
     e = Evaluator(tiny(k_max=0), EvalSettings(classifier=str(path)))
@@ -229,6 +229,7 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
         loggers=["L"],
     )
     datamodule = types.SimpleNamespace(test_dataloader=lambda: "loader")
+    monkeypatch.setattr(job, "check_settings", lambda cfg: None)  # a fake config: no trainer to check
     monkeypatch.setattr(job, "checkpoint_to_evaluate", lambda cfg: (ckpt, model))
     monkeypatch.setattr(job, "build", lambda cfg: (datamodule, None, trainer))
     monkeypatch.setattr(job, "describe_model", lambda hp, path: (rec.described.append(path), {"name": "m"})[1])

@@ -1,10 +1,10 @@
-"""fusionvae.flat: parameters, gradients and buffers backed by one contiguous buffer each."""
+"""fusionvae.training.flat: parameters, gradients and buffers backed by one contiguous buffer each."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from fusionvae.flat import flat_buffers, flat_parameters, flatten, is_flat, zero_gradients
+from fusionvae.training.flat import flat_buffers, flat_parameters, flatten, is_flat, zero_gradients
 
 
 def model() -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fusionvae.errors import FusionVAEError
-from fusionvae.fuse import fuse, fuse_files, load_image, load_views, main
+from fusionvae.jobs.fuse import fuse, fuse_files, load_image, load_views, main
 from tests.conftest import ROOT, save_checkpoint
 from tests.test_evaluation import tiny_module
 
@@ -75,7 +75,7 @@ def test_image_loading_converts_pads_resizes_and_validates(tmp_path):
 
 
 def test_too_many_views_fail_clearly(ckpt, tmp_path):
-    from fusionvae.evaluate_job import load_model
+    from fusionvae.jobs.evaluate import load_model
 
     module = load_model(str(ckpt))
     images = [write_png(tmp_path / f"v{i}.png", 32) for i in range(4)]
@@ -103,7 +103,7 @@ def test_cli_as_a_module(ckpt, tmp_path):
         [
             sys.executable,
             "-m",
-            "fusionvae.fuse",
+            "fusionvae.jobs.fuse",
             "--ckpt",
             str(ckpt),
             "--out",
@@ -126,12 +126,12 @@ def test_cli_as_a_module(ckpt, tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if the checkpoint is loaded: bad arguments must be refused before that."""
-    import fusionvae.fuse
+    import fusionvae.jobs.fuse
 
     def load_model(path):
         raise AssertionError(f"the checkpoint {path} was loaded before the arguments were checked")
 
-    monkeypatch.setattr(fusionvae.fuse, "load_model", load_model)
+    monkeypatch.setattr(fusionvae.jobs.fuse, "load_model", load_model)
 
 
 def gpus(monkeypatch, count: int, mps: bool = False) -> None:
@@ -182,7 +182,7 @@ def test_usage_errors_are_one_line_too(capsys):
 
 
 def test_devices_this_machine_has_are_taken(no_loading, monkeypatch, tmp_path):
-    from fusionvae.fuse_args import check_device
+    from fusionvae.jobs.fuse_args import check_device
 
     gpus(monkeypatch, 2, mps=True)
     assert check_device("cuda:1") == torch.device("cuda:1") and check_device("mps") == torch.device("mps")
@@ -195,7 +195,7 @@ def test_devices_this_machine_has_are_taken(no_loading, monkeypatch, tmp_path):
 
 
 def test_temperature_zero_takes_the_prior_means(ckpt, tmp_path):
-    from fusionvae.evaluate_job import load_model
+    from fusionvae.jobs.evaluate import load_model
 
     module = load_model(str(ckpt))
     views = load_views([write_png(tmp_path / "v.png", 32)], module)
@@ -211,7 +211,7 @@ def test_cuda_on_a_machine_without_one_is_one_line(ckpt, tmp_path):
     out = tmp_path / "g.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "fusionvae.fuse", "--ckpt", str(ckpt), "--out", str(out), "--device", "cuda"]
+    cmd = [sys.executable, "-m", "fusionvae.jobs.fuse", "--ckpt", str(ckpt), "--out", str(out), "--device", "cuda"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not out.exists(), proc.stderr[-3000:]
     assert proc.stderr == "error: --device cuda: no CUDA device is available here; use --device cpu\n"

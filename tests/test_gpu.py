@@ -13,8 +13,8 @@ import torch._inductor.config  # noqa: F401 (monkeypatched below)
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch._dynamo.utils import counters
 
-from fusionvae.compile import is_compiled
-from fusionvae.instantiate import build
+from fusionvae.training.build import build
+from fusionvae.training.compile import is_compiled
 from tests.conftest import TINY, compose_cfg
 from tests.test_train import SHORT, run_cli
 

@@ -27,7 +27,7 @@ from datamodules.folder_scan import fit_image, scan_folder, split_files
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.lmdb_store import LMDBMetadataError, is_complete, read_meta
 from datamodules.make_celeba import area_resize
-from datamodules.sampling import SampleKey
+from datamodules.training_order import SampleKey
 from datamodules.view_styles import EllipseWindows
 from tests.conftest import ROOT, compose_cfg, save_checkpoint
 
@@ -266,7 +266,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_fuse_takes_a_scene_folder_and_writes_the_samples(ckpt, tmp_path):
-    from fusionvae.fuse import main
+    from fusionvae.jobs.fuse import main
 
     (scene,) = write_scenes(tmp_path / "scenes", 1, 32, grey=True)
     out, samples = tmp_path / "grid.png", tmp_path / "samples"
@@ -281,8 +281,8 @@ def test_fuse_takes_a_scene_folder_and_writes_the_samples(ckpt, tmp_path):
 
 
 def test_fuse_fit_makes_inputs_as_the_folder_datasets_store_them(ckpt, tmp_path):
-    from fusionvae.evaluate_job import load_model
-    from fusionvae.fuse import load_views, main
+    from fusionvae.jobs.evaluate import load_model
+    from fusionvae.jobs.fuse import load_views, main
 
     scene = tmp_path / "scene"
     scene.mkdir()
@@ -315,7 +315,7 @@ def test_experiment_presets_fit_the_model_to_the_images(tmp_path):
 
 @pytest.mark.slow
 def test_small_preset_trains_one_step(tmp_path):
-    from fusionvae.training import train
+    from fusionvae.jobs.train import train
 
     write_demo(tmp_path / "images", 40, grey=True)
     overrides = ["experiment=own_images_small", f"dataset.path={tmp_path / 'images'}", "debug=fdr", "trainer=cpu"]

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.objective import log_likelihood, split_views
-from fusionvae.sampling import draw, mean_image
+from fusionvae.model.objective import log_likelihood, split_views
+from fusionvae.model.sampling import draw, mean_image
+from fusionvae.training.module import FusionVAEModule
 from tests.test_network import TINY
 
 

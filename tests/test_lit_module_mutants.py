@@ -8,13 +8,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from datamodules.sampling import mix
+from datamodules.training_order import mix
 from fusionvae.errors import TooManySkippedSteps
-from fusionvae.flat import is_flat
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.network import NetworkConfig
-from fusionvae.objective import kl_warmup, training_loss
-from fusionvae.regularizers import batchnorm_penalty
+from fusionvae.model.network_config import NetworkConfig
+from fusionvae.model.objective import kl_warmup, training_loss
+from fusionvae.model.regularizers import batchnorm_penalty
+from fusionvae.training.flat import is_flat
+from fusionvae.training.module import FusionVAEModule
 from tests.test_network import TINY
 
 
@@ -372,7 +372,7 @@ def test_clip_scales_gradients_to_the_limit(flat):
 
 
 def test_configure_model_compiles_only_when_asked(monkeypatch):
-    import fusionvae.lit_module as lm
+    import fusionvae.training.module as lm
 
     seen = []
     monkeypatch.setattr(lm, "compile_network", lambda *a: seen.append(a))

@@ -31,7 +31,7 @@ from datamodules.lmdb_store import (
 from datamodules.official import FusionCelebAOfficialDataModule
 from datamodules.official_lmdb import OfficialLMDB
 from datamodules.view_styles import EllipseWindows
-from fusionvae.reporting import reported
+from fusionvae.jobs.reporting import reported
 from tests.official_standins import CELEBA_NAMES, cv2_png, make_celeba_official, write_official_lmdb
 
 PAGE = 4096

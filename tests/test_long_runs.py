@@ -19,13 +19,13 @@ from lightning.pytorch.plugins import MixedPrecision
 from datamodules.images import encode_stack
 from datamodules.lmdb_store import LMDBReader, ensure_lmdb, is_complete
 from datamodules.tempfiles import HOST
-from fusionvae.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
 from fusionvae.errors import CheckpointError, FusionVAEError, TooManySkippedSteps
-from fusionvae.fuse import main as fuse_main
-from fusionvae.instantiate import build
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.reporting import reported
-from fusionvae.training import train
+from fusionvae.jobs.fuse import main as fuse_main
+from fusionvae.jobs.reporting import reported
+from fusionvae.jobs.train import train
+from fusionvae.training.build import build
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temps
+from fusionvae.training.module import FusionVAEModule
 from tests.conftest import ROOT, TINY, compose_cfg, save_checkpoint
 from tests.long_run_helpers import Poison
 from tests.test_network import TINY as TINY_NET
@@ -191,7 +191,7 @@ def test_checkpoint_write_that_fails_midway_changes_nothing(tmp_path, monkeypatc
 
 KILLED_WRITER = """
 import sys, time, torch
-from fusionvae.checkpoint_io import AtomicCheckpointIO
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO
 def slow(obj, f):
     f.write(b"PK half")
     f.flush()
@@ -326,7 +326,7 @@ def test_fuse_refuses_non_images_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith(expected) and err.count("\n") == 1
     module = FusionVAEModule(**TINY_NET)
-    from fusionvae.fuse import fuse
+    from fusionvae.jobs.fuse import fuse
 
     with pytest.raises(FusionVAEError, match=r"float images in \[0, 1\].*divide 8-bit images by 255"):
         fuse(module, torch.full((1, 1, 32, 32), 200, dtype=torch.uint8))

@@ -1,4 +1,4 @@
-"""fusionvae.malloc: glibc's mallopt is found and accepts the evaluation settings."""
+"""fusionvae.jobs.malloc: glibc's mallopt is found and accepts the evaluation settings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from fusionvae import malloc
+from fusionvae.jobs import malloc
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

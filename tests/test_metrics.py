@@ -1,4 +1,4 @@
-"""Metric maths (fusionvae.metrics) on known images, checked against torchmetrics."""
+"""Metric maths (fusionvae.evaluation.metrics) on known images, checked against torchmetrics."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr
 from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
-from fusionvae.metrics import central_crop, log_mean_exp, mse, psnr, sample_metrics, ssim
+from fusionvae.evaluation.metrics import central_crop, log_mean_exp, mse, psnr, sample_metrics, ssim
 
 
 def images(shape, seed=0):
@@ -97,7 +97,7 @@ def test_sample_metrics_use_the_central_crop():
 
 
 def test_diversity_is_the_mean_pairwise_rms_distance():
-    from fusionvae.metrics import diversity
+    from fusionvae.evaluation.metrics import diversity
 
     a, b, c = torch.zeros(1, 16), torch.full((1, 16), 0.5), torch.full((1, 16), 0.25)
     # pairs (a,b)=0.5, (a,c)=0.25, (b,c)=0.25: mean over ordered pairs = (0.5 + 0.25 + 0.25) / 3
@@ -107,7 +107,7 @@ def test_diversity_is_the_mean_pairwise_rms_distance():
 
 
 def test_semantic_metrics_compare_samples_with_the_class_of_the_target():
-    from fusionvae.classifier import semantic_metrics
+    from fusionvae.evaluation.classifier import semantic_metrics
 
     class Brightness(torch.nn.Module):  # class 1 for a bright image, else 0
         def forward(self, images):

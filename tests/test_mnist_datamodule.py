@@ -142,6 +142,7 @@ def test_train_loader_fetches_whole_batches(dm: FusionMNISTDataModule, monkeypat
     def no_single_items(self, index):
         raise AssertionError("DataLoader fell back to per-item __getitem__")
 
+    dm.check_items(dm.train_set, "training")  # the loader's one-item shape check, done (whatever ran before)
     monkeypatch.setattr(CorruptedImages, "__getitem__", no_single_items)
     _check_batch(next(iter(dm.train_dataloader())), 16)
 

@@ -23,7 +23,7 @@ from datamodules.errors import DataError
 from datamodules.folder_scan import fit_image
 from datamodules.lmdb_store import LMDBMetadataError, is_complete
 from datamodules.multiview_folder import MultiviewFolderDataModule, SceneStacks
-from datamodules.sampling import SampleKey
+from datamodules.training_order import SampleKey
 from tests.conftest import ROOT
 
 

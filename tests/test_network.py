@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fusionvae.network import FusionVAE, groups_per_scale
+from fusionvae.model.network import FusionVAE, groups_per_scale
 
 TINY = dict(
     num_channels=4,
@@ -159,7 +159,7 @@ def test_channels_last_64px_rgb_backward():
 def test_factorized_reduce_matches_shifted_strided_convs():
     import torch.nn.functional as F
 
-    from fusionvae.layers import FactorizedReduce
+    from fusionvae.model.layers import FactorizedReduce
 
     fr = FactorizedReduce(4, 8)
     x = torch.randn(2, 4, 16, 16)
@@ -212,7 +212,7 @@ def test_activation_checkpointing_changes_neither_values_nor_batch_norm_state():
 
 
 def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteration(tmp_path):
-    from fusionvae.lit_module import FusionVAEModule
+    from fusionvae.training.module import FusionVAEModule
     from tests.conftest import save_checkpoint
 
     old_names = {

@@ -1,4 +1,4 @@
-"""fusionvae.objective: settings parsing, K ranges, fp32 terms under autocast, unit conversion and
+"""fusionvae.model.objective: settings parsing, K ranges, fp32 terms under autocast, unit conversion and
 the KL schedule / balancing switch of the training loss (small hand-computed cases)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusionvae.objective import (
+from fusionvae.model.objective import (
     LossSettings,
     Terms,
     compute_terms,

@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.plugins.precision.amp import MixedPrecision
 from torch.utils.data import DataLoader
 
-from fusionvae.lit_module import FusionVAEModule
-from fusionvae.objective import balanced_kl, kl_balance_alpha
+from fusionvae.model.objective import balanced_kl, kl_balance_alpha
+from fusionvae.training.module import FusionVAEModule
 from tests.test_network import TINY
 
 CROP = 2

@@ -23,7 +23,7 @@ from datamodules.official import (
     premultiplied_rgba,
 )
 from datamodules.paste import object_targets
-from fusionvae.training import train
+from fusionvae.jobs.train import train
 from tests.conftest import TINY, compose_cfg
 
 N_TRAIN, N_VALID, N_OBJECTS, N_OCCLUDERS = 12, 6, 10, 12

@@ -1,4 +1,4 @@
-"""fusionvae.optim: settings parsing, the warm-up / cosine multiplier at its edges and the
+"""fusionvae.training.optim: settings parsing, the warm-up / cosine multiplier at its edges and the
 optimiser + scheduler that build_optimizer hands to Lightning."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from fusionvae.optim import OptimSettings, build_optimizer, warmup_cosine
+from fusionvae.training.optim import OptimSettings, build_optimizer, warmup_cosine
 
 LR, LR_MIN = 1e-2, 1e-4
 
@@ -105,7 +105,7 @@ def test_build_optimizer_warmup_length(warmup_epochs, total_steps, epochs, first
         ({"lr": -1e-2}, "model.optim.lr must be a finite number > 0, got -0.01 (the default is model.optim.lr=0.01)"),
         ({"lr": 0}, "model.optim.lr must be a finite number > 0, got 0 (the default is model.optim.lr=0.01)"),
         ({"lr": math.nan}, "model.optim.lr must be a finite number > 0, got nan (the default is model.optim.lr=0.01)"),
-        ({"lr": "abc"}, "model.optim.lr must be a finite number > 0, got 'abc' (the default is model.optim.lr=0.01)"),
+        ({"lr": "abc"}, "model.optim.lr must be a float, got 'abc' (the default is model.optim.lr=0.01)"),
         (
             {"lr_min": -1},
             "model.optim.lr_min must be a finite number >= 0, got -1 (the default is model.optim.lr_min=0.0001)",

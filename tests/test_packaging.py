@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 # what the build reads; copied so that a stale build/ folder in the checkout cannot leak into it
 BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "fusionvae", "datamodules", "conf"]
 SCRIPTS = {
-    "fusionvae-train": "fusionvae.cli:train_main",
-    "fusionvae-evaluate": "fusionvae.cli:evaluate_main",
-    "fusionvae-fuse": "fusionvae.fuse:console_main",
+    "fusionvae-train": "fusionvae.jobs.cli:train_main",
+    "fusionvae-evaluate": "fusionvae.jobs.cli:evaluate_main",
+    "fusionvae-fuse": "fusionvae.jobs.fuse:console_main",
 }
 
 
@@ -80,13 +80,13 @@ def test_console_scripts_are_declared_and_exist(wheel):
     parser = configparser.ConfigParser()
     parser.read_string(zf.read(entry_points).decode())
     assert dict(parser["console_scripts"]) == SCRIPTS
-    import fusionvae.cli
+    import fusionvae.jobs.cli
 
-    assert callable(fusionvae.cli.train_main) and callable(fusionvae.cli.evaluate_main)
-    import fusionvae.fuse
+    assert callable(fusionvae.jobs.cli.train_main) and callable(fusionvae.jobs.cli.evaluate_main)
+    import fusionvae.jobs.fuse
 
-    assert callable(fusionvae.fuse.console_main)
-    assert fusionvae.cli.CONF == CONF  # in a checkout: its one conf/
+    assert callable(fusionvae.jobs.fuse.console_main)
+    assert fusionvae.jobs.cli.CONF == CONF  # in a checkout: its one conf/
 
 
 @pytest.mark.parametrize(
@@ -109,7 +109,7 @@ def test_packaged_configs_compose_as_the_checkout(unpacked, name, overrides):
 def test_installed_main_loads_the_packaged_configs(unpacked, tmp_path):
     """The wheel's own ``train_main`` (not the checkout's) run from an empty folder prints its config."""
     code = (
-        "import sys, fusionvae.cli as c; print(c.CONF, file=sys.stderr); "
+        "import sys, fusionvae.jobs.cli as c; print(c.CONF, file=sys.stderr); "
         "sys.argv = ['fusionvae-train', '--cfg', 'job', 'model/size=tiny']; c.train_main()"
     )
     env = {**os.environ, "PYTHONPATH": str(unpacked), "OMP_NUM_THREADS": "1"}
@@ -149,6 +149,6 @@ def test_installed_fuse_script_fuses_a_scene_folder(wheel, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "samples").glob("*.png"))) == 3
-    where = [sys.executable, "-c", "import fusionvae.fuse as f; print(f.__file__)"]
+    where = [sys.executable, "-c", "import fusionvae.jobs.fuse as f; print(f.__file__)"]
     imported = subprocess.run(where, cwd=tmp_path, env=env, capture_output=True, text=True).stdout.strip()
     assert Path(imported).is_relative_to(site)  # the installed package, not the checkout

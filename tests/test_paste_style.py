@@ -23,7 +23,7 @@ from datamodules.image_folder import ImageFolderDataModule
 from datamodules.lmdb_store import LMDBMetadataError
 from datamodules.paste import compose_views
 from datamodules.paste_style import PastedOccluders, load_bank
-from datamodules.sampling import SampleKey
+from datamodules.training_order import SampleKey
 from tests.conftest import ROOT
 
 

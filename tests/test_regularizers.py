@@ -1,10 +1,10 @@
 import torch
 import torch.nn as nn
 
-from fusionvae.layers import WNConv2d
-from fusionvae.objective import balanced_kl, kl_balance_alpha, kl_warmup
-from fusionvae.optim import warmup_cosine
-from fusionvae.regularizers import SpectralPenalty, batchnorm_penalty, power_iteration
+from fusionvae.model.layers import WNConv2d
+from fusionvae.model.objective import balanced_kl, kl_balance_alpha, kl_warmup
+from fusionvae.model.regularizers import SpectralPenalty, batchnorm_penalty, power_iteration
+from fusionvae.training.optim import warmup_cosine
 
 
 def test_power_iteration_matches_linalg_spectral_norm():

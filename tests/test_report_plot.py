@@ -1,4 +1,4 @@
-"""metrics_vs_k.png (fusionvae.report_plot): every panel says which direction is better, and its
+"""metrics_vs_k.png (fusionvae.evaluation.report_plot): every panel says which direction is better, and its
 y-limits hold every error bar (read back from the drawn figure)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from fusionvae.report import plot_metrics_vs_k  # noqa: E402
-from fusionvae.report_plot import better, metrics_figure, readable_limits  # noqa: E402
+from fusionvae.evaluation.report import plot_metrics_vs_k  # noqa: E402
+from fusionvae.evaluation.report_plot import better, metrics_figure, readable_limits  # noqa: E402
 
 ROWS = [
     {"K": 0, "nelbo": 0.0, "psnr_best": 20.0, "mse_mean": 0.05, "kl": 3.0, "class_best": 0.5},

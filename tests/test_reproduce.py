@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fusionvae.report import read_per_item
+from fusionvae.evaluation.report import read_per_item
 from scripts import reproduce
 
 pytestmark = pytest.mark.slow

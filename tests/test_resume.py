@@ -17,9 +17,9 @@ import torch
 
 from datamodules.batched import CorruptedImages
 from datamodules.paste import PasteParams, compose_views
-from datamodules.sampling import EpochSampler
+from datamodules.training_order import EpochSampler
 from fusionvae.errors import Preempted
-from fusionvae.training import train
+from fusionvae.jobs.train import train
 from tests.conftest import ROOT, TINY, compose_cfg
 
 # 2 epochs of 4 batches, validation after each; deterministic kernels, one thread (OMP_NUM_THREADS)
@@ -162,7 +162,7 @@ def test_pasting_draws_each_item_from_its_own_generator():
 
 
 def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
-    from fusionvae.run_args import evaluate_on_training_dataset
+    from fusionvae.jobs.run_args import evaluate_on_training_dataset
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)

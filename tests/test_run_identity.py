@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from fusionvae.instantiate import build_list, wandb_identity
+from fusionvae.training.build import build_list, wandb_identity
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_failures_reach_the_run_log_file_and_the_console_gets_one_line(tmp_path,
     import logging
 
     from fusionvae.errors import BadInputError
-    from fusionvae.reporting import reported
+    from fusionvae.jobs.reporting import reported
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     handler, root = logging.FileHandler(tmp_path / "train.log"), logging.getLogger()

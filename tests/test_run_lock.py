@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from datamodules.tempfiles import HOST
-from fusionvae import run_lock as lock_module
 from fusionvae.errors import RunFolderInUseError
-from fusionvae.run_lock import LOCK_NAME, acquire, release, run_lock
+from fusionvae.training import run_lock as lock_module
+from fusionvae.training.run_lock import LOCK_NAME, acquire, release, run_lock
 from tests.conftest import ROOT, TINY
 
 

@@ -1,5 +1,5 @@
-"""What a run hands its loggers: each setting once, no absolute path (fusionvae.run_log), and a
-logging interval that gives a short run its training curves (fusionvae.callbacks.LogInterval).
+"""What a run hands its loggers: each setting once, no absolute path (fusionvae.training.run_log), and a
+logging interval that gives a short run its training curves (fusionvae.training.callbacks.LogInterval).
 End to end (the CSV logger's hparams.yaml and metrics.csv of a real sweep):
 tests/test_train.py::test_multirun_sweep_gives_one_wandb_run_per_job."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import TINY, compose_cfg
 
-from fusionvae.callbacks import LogInterval
-from fusionvae.run_log import run_hyperparameters
+from fusionvae.training.callbacks import LogInterval
+from fusionvae.training.run_log import run_hyperparameters
 
 
 def strings(value):

@@ -1,4 +1,4 @@
-"""Short run names (fusionvae.run_name): a sweep's job by the keys the sweep varies, a single run by
+"""Short run names (fusionvae.training.run_name): a sweep's job by the keys the sweep varies, a single run by
 its overrides without paths, excluded keys and long values, both cut at whole overrides."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from conftest import compose_cfg
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from fusionvae.run_name import distinct_paths, join_capped, run_name, short_value, sweep_keys, varying_items
+from fusionvae.training.run_name import distinct_paths, join_capped, run_name, short_value, sweep_keys, varying_items
 
 
 def hydra_node(task_overrides, sweep_dir=None, extra=()):

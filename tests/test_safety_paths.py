@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from datamodules.images import encode_stack
 from datamodules.lmdb_store import LMDBMetadataError, LMDBReader, check_meta, ensure_lmdb, write_lmdb
-from fusionvae.checkpoint_io import AtomicCheckpointIO
-from fusionvae.instantiate import build
+from fusionvae.training.build import build
+from fusionvae.training.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import TINY, compose_cfg
 
 META = dict(kind="test", version=1, count=2, shape=[1, 4, 4, 3], channels=3, seed=0, params=dict(a=1, b=[2, 3]))

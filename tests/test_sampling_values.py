@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fusionvae.distributions import DiscMixLogistic
+from fusionvae.model.distributions import DiscMixLogistic
 
 LEVELS = torch.arange(256, dtype=torch.float64)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fusionvae.errors import TooManySkippedSteps
-from fusionvae.step import SkipSafeStep, StepContext
+from fusionvae.training.step import SkipSafeStep, StepContext
 
 
 class Net(nn.Module):

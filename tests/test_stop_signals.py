@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fusionvae.errors import Preempted
-from fusionvae.resilience import stop_outside_training
-from fusionvae.training import train
+from fusionvae.jobs.train import train
+from fusionvae.training.resilience import stop_outside_training
 from tests.conftest import ROOT, compose_cfg
 from tests.test_resume import COMMON, assert_same_training_state, best_of
 

@@ -1,4 +1,4 @@
-"""The table that ends a sweep (fusionvae.sweep_summary) from job folders as training leaves them:
+"""The table that ends a sweep (fusionvae.jobs.sweep_summary) from job folders as training leaves them:
 result.json (finished), a CSV log only (stopped), an error line in train.log (failed). The real
 two-job sweep is tests/test_train.py::test_multirun_sweep_gives_one_wandb_run_per_job."""
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-from fusionvae.sweep_summary import SweepSummary, write_summary
+from fusionvae.jobs.sweep_summary import SweepSummary, write_summary
 
 
 def job(sweep, num, overrides, result=None, metrics_csv=None, log=""):
@@ -89,7 +89,7 @@ def test_hydra_loads_the_callback_without_torch():
 
 
 def test_a_job_result_is_written_at_the_end_of_training(tmp_path):
-    from fusionvae.run_log import write_result
+    from fusionvae.training.run_log import write_result
 
     callback = SimpleNamespace(
         monitor="val/nelbo", best_model_score=1.5, best_model_path=str(tmp_path / "checkpoints" / "e.ckpt")

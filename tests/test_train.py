@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from fusionvae.evaluate_job import run_evaluation
-from fusionvae.instantiate import build
-from fusionvae.training import train
+from fusionvae.jobs.evaluate import run_evaluation
+from fusionvae.jobs.train import train
+from fusionvae.training.build import build
 from tests.conftest import ROOT, TINY, compose_cfg
 
 SHORT = [
@@ -227,7 +227,7 @@ def test_gradient_clip_val_is_honoured_by_the_manual_step(data_dir, tmp_path):
     """Lightning refuses trainer.gradient_clip_val under manual optimisation; the module clips."""
     import lightning as L
 
-    from fusionvae.instantiate import build
+    from fusionvae.training.build import build
 
     cfg = cfg_for(
         data_dir,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from standins import make_celeba, make_tless
 
-from fusionvae.training import train
+from fusionvae.jobs.train import train
 from tests.conftest import TINY, compose_cfg
 
 RGB = [*TINY, "dataset.batch_size=4", "dataset.val_batch_size=4", "dataset.workers=1", "debug=fdr"]

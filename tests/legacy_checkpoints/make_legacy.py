@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, ".")
-from fusionvae.evaluation import EvalSettings, evaluate_batch  # noqa: E402
-from fusionvae.lit_module import FusionVAEModule  # noqa: E402
-from fusionvae.objective import split_views  # noqa: E402
+from fusionvae.evaluation.evaluator import EvalSettings, evaluate_batch  # noqa: E402
+from fusionvae.model.objective import split_views  # noqa: E402
+from fusionvae.training.module import FusionVAEModule  # noqa: E402
 from tests.conftest import save_checkpoint  # noqa: E402
 
 OUT = Path(sys.argv[1])

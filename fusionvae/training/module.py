@@ -1,0 +1,217 @@
+"""LightningModule: training with a random K per batch, per-K validation NELBO, Adamax schedule.
+
+The objective itself lives in ``fusionvae.model.objective``, the optimiser and its schedule in
+``fusionvae.training.optim``, sampling in ``fusionvae.model.sampling``, the optimiser step with its skip policy for
+non-finite steps in ``fusionvae.training.step``; this module wires them into Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from datamodules.training_order import mix
+from fusionvae.model.network import FusionVAE
+from fusionvae.model.network_config import NetworkConfig
+from fusionvae.model.objective import (
+    LossSettings,
+    Terms,
+    compute_terms,
+    kl_balance_alpha,
+    kl_warmup,
+    split_views,
+    to_units,
+    training_loss,
+)
+from fusionvae.model.regularizers import SpectralPenalty, batchnorm_penalty
+from fusionvae.training.compile import compile_network
+from fusionvae.training.optim import OptimSettings, build_optimizer
+from fusionvae.training.step import SkipSafeStep, StepContext
+
+
+class FusionVAEModule(L.LightningModule):
+    """``net`` keyword arguments go to ``FusionVAE``; ``optim`` and ``loss`` are checked against
+    ``OptimSettings`` / ``LossSettings`` (unknown keys are refused). All arguments are primitives
+    (numbers, strings, dicts of them), saved as hyperparameters so that checkpoints load with
+    Lightning's default ``weights_only=True``."""
+
+    kwargs_go_to = NetworkConfig  # what ``**net`` accepts (fusionvae.settings.declared_arguments)
+
+    def __init__(
+        self,
+        optim: dict | None = None,
+        loss: dict | None = None,
+        k_max: int = 3,
+        crop: int = 0,
+        bits_per_dim: bool = False,
+        seed: int = 0,
+        compile: bool = False,
+        compile_mode: str = "default",
+        **net,
+    ):
+        super().__init__()
+        if k_max < 0:
+            raise ValueError(f"model.k_max must be >= 0 (number of input views), got {k_max}")
+        if crop < 0:
+            raise ValueError(f"model.crop must be >= 0, got {crop}")
+        # explicit, not read from this frame: the same hparams however __init__ is wrapped (mutmut, subclasses).
+        # Every network setting, defaults included: a checkpoint without aggregation_level is one
+        # written before it existed (network.legacy_overrides)
+        config = NetworkConfig(**net)
+        net = asdict(config)
+        self.save_hyperparameters(
+            dict(
+                optim=optim,
+                loss=loss,
+                k_max=k_max,
+                crop=crop,
+                bits_per_dim=bits_per_dim,
+                seed=seed,
+                compile=compile,
+                compile_mode=compile_mode,
+                **net,
+            ),
+            logger=False,  # in checkpoints only: loggers get the whole config once (training.run_log), not twice
+        )
+        self.optim_settings = OptimSettings.from_dict(optim)
+        self.loss_settings = LossSettings.from_dict(loss)
+        self.net = FusionVAE(config)
+        self.spectral = SpectralPenalty(self.net, self.loss_settings.power_iter_init, self.loss_settings.power_iter)
+        self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
+        self.step_engine = SkipSafeStep(self, self.loss_settings.max_consecutive_skips)
+        self.automatic_optimization = False
+
+    def configure_model(self) -> None:
+        """``model.compile``: torch.compile the network in place, once (``fusionvae.training.compile``)."""
+        if self.hparams.compile:
+            compile_network(
+                self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max
+            )
+
+    # ---- the objective on a batch -------------------------------------------------------------
+    def draw_k(self) -> int:
+        """K ~ U{0..k_max}, identical on all DDP ranks and reproducible from (seed, batch count)."""
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.train_batches))
+        return int(torch.randint(0, self.hparams.k_max + 1, (1,), generator=g))
+
+    def terms(self, batch: torch.Tensor, k: int, prior_sigma: bool = False) -> Terms:
+        """NLL and KL per item for the last ``k`` views of ``batch`` (one posterior draw)."""
+        views, target = split_views(batch, k)
+        return compute_terms(self.net, views, target, self.hparams.crop, prior_sigma)
+
+    def units(self, nats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Nats per image, or bits per dimension when ``bits_per_dim``."""
+        return to_units(nats, target.shape, self.hparams.crop, self.hparams.bits_per_dim)
+
+    # ---- training -----------------------------------------------------------------------------
+    def regulariser(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.spectral() + batchnorm_penalty(self.net)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """One batch. Its randomness (K, posterior noise) is a function of (seed, batch count,
+        rank), so a resumed run repeats it. A step with a non-finite loss or gradient is skipped
+        (see ``_optimise``)."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        k = self.draw_k()
+        torch.manual_seed(mix(self.hparams.seed, int(self.train_batches), self.global_rank))
+        self.train_batches += 1
+        self.step_engine.begin()
+        self.spectral.start_step()
+        terms = self.terms(batch, k)
+        settings = self.loss_settings
+        beta = kl_warmup(
+            self.global_step, self.trainer.estimated_stepping_batches, settings.kl_warmup_portion, settings.kl_min_beta
+        )
+        reg = self.regulariser()
+        loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
+        grad_norm = self.step_engine.finish(loss, opt, sched, self._step_context())
+        self._log_training(terms, loss, reg, beta, grad_norm, k)
+
+    def _log_training(self, terms: Terms, loss, reg, beta: float, grad_norm, k: int) -> None:
+        nelbo = self.units(terms.nelbo, terms.target).mean().detach()
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/nelbo": nelbo,
+                "train/kl": terms.kl.sum(1).mean().detach(),
+                "train/recon": terms.nll.mean().detach(),
+                "train/reg": reg.detach(),
+                "train/beta": beta,
+                "train/grad_norm": grad_norm,
+                "train/k": float(k),
+                "train/skipped_steps": self.skipped_steps.float(),
+            },
+            prog_bar=False,
+            on_step=True,
+            on_epoch=False,
+            batch_size=terms.target.shape[0],
+        )
+        self.log("nelbo", nelbo, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+    def _all_ranks(self, ok: torch.Tensor) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True)
+
+    def _step_context(self) -> StepContext:
+        return StepContext(
+            backward=self.manual_backward,
+            all_ranks=self._all_ranks,
+            scaler=getattr(self.trainer.precision_plugin, "scaler", None),
+            where=lambda: (self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None)),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        wandb_ids = [
+            lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)
+        ]
+        checkpoint["fusionvae"] = {
+            "consecutive_skips": int(self.step_engine.consecutive_skips),
+            "wandb_id": str(wandb_ids[0]) if wandb_ids and wandb_ids[0] else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.step_engine.consecutive_skips = int(checkpoint.get("fusionvae", {}).get("consecutive_skips", 0))
+        state = checkpoint.get("state_dict", {})
+        if any(key.startswith("net.dec_cells.") for key in state):  # written before LatentGroup
+            # convs are ordered differently now: start the power iteration afresh (init_steps)
+            for key, value in self.spectral.state_dict().items():
+                state[f"spectral.{key}"] = torch.zeros_like(value) if key == "initialised" else value
+
+    # ---- validation and test: one posterior draw per item ------------------------------------
+    def _eval_step(self, batch: torch.Tensor, prefix: str) -> None:
+        """``<prefix>/nelbo_k<K>`` for every K and their mean ``<prefix>/nelbo`` (one posterior draw
+        at the trainer's precision; ``evaluate.py`` reports the fp32 S-sample estimates as ``eval/``).
+
+        The fusion diagnostic per K: ``<prefix>/kl_k<K>``, KL(q || p) summed over the groups (in the
+        NELBO's units), and ``<prefix>/prior_sigma_k<K>``, the prior's mean sigma. When the views
+        inform the prior, both fall as K grows."""
+        per_k = []
+        for k in range(self.hparams.k_max + 1):
+            terms = self.terms(batch, k, prior_sigma=True)
+            value = self.units(terms.nelbo, terms.target).mean()
+            per_k.append(value)
+            diagnostic = {
+                f"{prefix}/nelbo_k{k}": value,
+                f"{prefix}/kl_k{k}": self.units(terms.kl.sum(1), terms.target).mean(),
+                f"{prefix}/prior_sigma_k{k}": terms.prior_sigma.mean(),
+            }
+            self.log_dict(diagnostic, sync_dist=True, batch_size=batch.shape[0])
+        self.log(f"{prefix}/nelbo", torch.stack(per_k).mean(), sync_dist=True, prog_bar=True, batch_size=batch.shape[0])
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        # the model is on its device by now
+        flat = self.step_engine.flat_parameters()
+        return build_optimizer([flat], self.optim_settings, self.trainer.estimated_stepping_batches, epochs)
