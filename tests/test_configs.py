@@ -103,6 +103,8 @@ def test_tiny_preset_sets_num_mix():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_task_name_is_used(experiment):
     """Regression: train.yaml listed _self_ last, so an experiment's task_name was ignored."""
+    import fusionvae.jobs.cli  # noqa: F401 - registers the run-folder resolvers of conf/train.yaml
+
     with_hydra = compose_cfg("train", [f"experiment={experiment}"], return_hydra_config=True)
     assert with_hydra.task_name == experiment
     assert f"/{experiment}/" in with_hydra.hydra.run.dir.replace("${task_name}", with_hydra.task_name) + "/"

@@ -198,3 +198,22 @@ def test_evaluate_takes_the_dataset_of_the_training_run(tmp_path):
         "evaluate.py",
         f"ckpt_path={outside}",
     ]
+
+
+def test_run_folder_resolvers_continue_a_resumed_run_in_its_own_folder(tmp_path):
+    """conf/train.yaml's hydra.run.dir / output_subdir (no command-line rewriting)."""
+    from fusionvae.jobs.run_args import hydra_subdir, run_dir
+
+    run = tmp_path / "train" / "runs" / "r1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    loose = tmp_path / "loose.ckpt"
+    loose.write_bytes(b"x")
+    for ckpt in (str(run / "checkpoints" / "last.ckpt"), "last"):
+        assert run_dir(ckpt, tmp_path, "train", "new") == str(run)
+        assert hydra_subdir(ckpt, tmp_path, "train", "T") == ".hydra/resume_T"
+    for ckpt in (None, str(loose)):
+        assert run_dir(ckpt, tmp_path, "train", "new") == "new"
+        assert hydra_subdir(ckpt, tmp_path, "train", "T") == ".hydra"
+    assert run_dir("last", tmp_path / "empty", "train", "new") == "new"  # train() says there is none, in one line

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fusionvae.jobs.reporting import reported, unused_run_folder_removed
-from fusionvae.jobs.run_args import check_command_line, evaluate_on_training_dataset, resume_in_place
+from fusionvae.jobs.run_args import check_command_line, evaluate_on_training_dataset, hydra_subdir, run_dir
 from fusionvae.jobs.slurm import size_launcher
 
 
@@ -39,6 +39,9 @@ def config_groups(config_dir: Path = CONF) -> str:
 
 
 OmegaConf.register_new_resolver("fusionvae_config_groups", lambda: config_groups(), replace=True)
+# train.py's run folder: a resumed run continues in its own (conf/train.yaml, hydra.run)
+OmegaConf.register_new_resolver("fusionvae_run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("fusionvae_hydra_subdir", hydra_subdir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
@@ -70,7 +73,7 @@ def train_main() -> None:
     quiet_logging_failures()
     with reported():
         check_command_line(sys.argv, CONF, "train")
-        sys.argv = size_launcher(resume_in_place(sys.argv, CONF), CONF)
+        sys.argv = size_launcher(sys.argv, CONF)
     train_job()
 
 

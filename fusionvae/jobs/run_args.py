@@ -1,22 +1,19 @@
-"""The command line before Hydra starts: which checkpoint ``ckpt_path`` names (``last``: the newest
-run's), and the arguments that resume a run in its own folder or evaluate a checkpoint on its
-training dataset. No torch here: ``train.py --help`` must answer without importing it."""
+"""The command line and the run folder, before Hydra starts: one-line refusals of what Hydra would
+answer with a traceback (``check_command_line``), the resolvers that put a resumed run in its own
+folder (``run_dir``, ``hydra_subdir``; conf/train.yaml), and the arguments that evaluate a
+checkpoint on its training dataset. The one override parser is ``select_overrides``. No torch
+here: ``train.py --help`` must answer without importing it."""
 
 from __future__ import annotations
 
 import difflib
 import os
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fusionvae.errors import BadInputError
+from fusionvae.errors import BadInputError, CheckpointNotFoundError
 from fusionvae.training.checkpoint_paths import LAST, resolve_ckpt_path, run_dir_of
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def select_overrides(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
@@ -40,35 +37,28 @@ def _compose_log_dir(overrides: list[str], config_dir: Path, keys: tuple[str, ..
     return str(cfg.paths.log_dir), str(cfg.task_name)
 
 
-def resume_in_place(argv: list[str], config_dir: Path) -> list[str]:
-    """``train.py`` arguments that resume in the checkpoint's own run folder: with ``ckpt_path=<run>/
-    checkpoints/x.ckpt`` (or ``last``) add ``hydra.run.dir=<run>`` and keep that run's Hydra files
-    (this run's go to ``<run>/.hydra/resume_<time>``). Unchanged for sweeps, an explicit
-    ``hydra.run.dir``, or a checkpoint outside a run folder."""
-    args = list(argv[1:])
-    if any(
-        a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "--info", "-c", "--cfg")
-        or a.startswith("hydra.run.dir=")
-        for a in args
-    ):
-        return list(argv)
-    where = [i for i, a in enumerate(args) if a.lstrip("+").startswith("ckpt_path=")]
-    if not where:
-        return list(argv)
-    value = args[where[-1]].split("=", 1)[1].strip("'\"")
+def resumed_run(ckpt_path, log_dir, task_name) -> Path | None:
+    """The Hydra run folder of the checkpoint ``ckpt_path`` names (``last``: the newest run's), or
+    None: no checkpoint, one outside a run folder, or one that cannot be found (``train`` then
+    reports it in one line)."""
     try:
-        if value == LAST:
-            ckpt = resolve_ckpt_path(LAST, *_compose_log_dir(args, config_dir, ("paths", "task_name", "experiment")))
-        else:
-            ckpt = resolve_ckpt_path(value, ".", "")
-    except Exception:  # nothing to resume or a bad override: train() reports it in one line
-        return list(argv)
-    run = run_dir_of(ckpt) if ckpt is not None else None
-    if run is None:
-        return list(argv)
-    args[where[-1]] = f"ckpt_path={_quote(str(ckpt))}"
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [argv[0], *args, f"hydra.run.dir={_quote(str(run))}", f"hydra.output_subdir=.hydra/resume_{stamp}"]
+        ckpt = resolve_ckpt_path(ckpt_path, log_dir, task_name)
+    except CheckpointNotFoundError:
+        return None
+    return run_dir_of(ckpt) if ckpt is not None else None
+
+
+def run_dir(ckpt_path, log_dir, task_name, fresh: str) -> str:
+    """``hydra.run.dir`` of train.py (a resolver in conf/train.yaml): a resumed run continues in its
+    own folder; any other run gets ``fresh``. An explicit ``hydra.run.dir=`` still wins."""
+    run = resumed_run(ckpt_path, log_dir, task_name)
+    return str(run) if run is not None else fresh
+
+
+def hydra_subdir(ckpt_path, log_dir, task_name, stamp: str) -> str:
+    """``hydra.output_subdir``: a resumed run keeps its first Hydra files in ``.hydra`` and writes
+    this start's to ``.hydra/resume_<stamp>``."""
+    return ".hydra" if resumed_run(ckpt_path, log_dir, task_name) is None else f".hydra/resume_{stamp}"
 
 
 def training_dataset(run: Path) -> tuple[str | None, list[str]]:
