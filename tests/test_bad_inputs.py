@@ -166,3 +166,23 @@ def test_fast_dev_run_with_test_tests_the_final_weights(data_dir, tmp_path, caps
     cli.train_main()
     assert "testing the final weights" in next(tmp_path.rglob("train.log")).read_text()
     assert "test/nelbo_k3" in capsys.readouterr().out  # Lightning's table of the test loop
+
+
+def test_an_error_from_a_dataloader_worker_is_one_line(capsys):
+    """torch re-raises a worker's error with its traceback in the message: the line is the original."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from fusionvae.errors import BadInputError
+    from fusionvae.jobs.reporting import reported
+
+    class Damaged(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise BadInputError(f"record {index} of /data/x is damaged: rebuild it")
+
+    with pytest.raises(SystemExit) as stop, reported():
+        next(iter(DataLoader(Damaged(), num_workers=1)))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.splitlines() == ["error: record 0 of /data/x is damaged: rebuild it"]

@@ -34,10 +34,10 @@ def reported(prefix: str = "error"):
         if fixable is None:  # a bug: Hydra prints the traceback; keep it in the run's log file too
             _to_log_files(f"{prefix}: unexpected failure\n{traceback.format_exc()}")
             raise
-        _to_log_files(f"{prefix}: {fixable}")
+        _to_log_files(f"{prefix}: {one_line(fixable)}")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prefix}: {fixable}", file=sys.stderr, flush=True)
+        print(f"{prefix}: {one_line(fixable)}", file=sys.stderr, flush=True)
         sys.exit(getattr(fixable, "exit_code", 1))
 
 
@@ -61,6 +61,17 @@ def user_error(err: BaseException) -> BaseException | None:
             return WriteError(seen)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err``; for an error raised in a DataLoader worker (torch re-raises it with
+    "Caught X in DataLoader worker process N" and the worker's traceback), the original message,
+    the traceback's last line after the exception name."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _to_log_files(message: str) -> None:
