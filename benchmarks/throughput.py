@@ -7,7 +7,8 @@ e.g. FUSIONVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/throu
 
 Reports images/s (batch items, each with up to k_max views + target), ms/step, peak memory (the
 process's RSS on CPU, the CUDA allocator's peak on GPU) and the leaf ATen ops of one training
-batch (torch.profiler; on a GPU each is at least one kernel launch). The last line is JSON.
+batch (torch.profiler; on a GPU each is at least one kernel launch) and its host syncs (device
+values read into Python, ``aten::_local_scalar_dense``: each stalls a GPU). The last line is JSON.
 ``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
 
@@ -59,15 +60,19 @@ NO_KERNEL = {
 }
 
 
-def leaf_aten_ops(prof) -> tuple[int, int]:
-    """ATen ops with no ATen op below them (the work actually dispatched), and those of them that
-    run a kernel (views and allocations left out)."""
+# a device value read into Python (.item(), bool(), int() of a tensor): on a GPU the host waits
+HOST_SYNC = "aten::_local_scalar_dense"
+
+
+def leaf_aten_ops(prof) -> tuple[int, int, int]:
+    """ATen ops with no ATen op below them (the work actually dispatched), those of them that
+    run a kernel (views and allocations left out), and the host syncs among them."""
     names = [
         e.name
         for e in prof.events()
         if e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children)
     ]
-    return len(names), sum(1 for n in names if n not in NO_KERNEL)
+    return len(names), sum(1 for n in names if n not in NO_KERNEL and n != HOST_SYNC), names.count(HOST_SYNC)
 
 
 class StepMeter(L.Callback):
@@ -76,7 +81,7 @@ class StepMeter(L.Callback):
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
         self.times: list[float] = []
-        self.ops = self.kernel_ops = 0
+        self.ops = self.kernel_ops = self.syncs = 0
         self._profiler = None
 
     def _sync(self) -> None:
@@ -98,7 +103,7 @@ class StepMeter(L.Callback):
             self.times.append(time.perf_counter() - self._start)
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
-            (self.ops, self.kernel_ops), self._profiler = leaf_aten_ops(self._profiler), None
+            (self.ops, self.kernel_ops, self.syncs), self._profiler = leaf_aten_ops(self._profiler), None
 
 
 def build(overrides: list[str], k: int | None):
@@ -160,12 +165,13 @@ def main() -> None:
         peak_kind="cuda" if device.type == "cuda" else "rss",
         ops_per_step=meter.ops,
         kernel_ops_per_step=meter.kernel_ops,
+        host_syncs_per_step=meter.syncs,
     )
     print(
         f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
         f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
         f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
-        f"({meter.kernel_ops} with a kernel)"
+        f"({meter.kernel_ops} with a kernel), {meter.syncs} host syncs"
     )
     print(json.dumps(result))
 
