@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusionvae.model.host_copy import HostCopy
 from fusionvae.model.layers import WNConv2d
 
 
@@ -40,6 +41,7 @@ class SpectralPenalty(nn.Module):
             self.register_buffer(f"u{i}", F.normalize(torch.randn(w.shape[:2]), dim=1))
             self.register_buffer(f"v{i}", F.normalize(torch.randn(w.shape[0], w.shape[2]), dim=1))
         self.register_buffer("initialised", torch.tensor(False))
+        self._initialised = HostCopy()  # no device read per step
 
     @staticmethod
     def _weights(convs: list[WNConv2d]) -> torch.Tensor:
@@ -55,7 +57,7 @@ class SpectralPenalty(nn.Module):
                 conv.last_weight = None
 
     def forward(self) -> torch.Tensor:
-        steps = self.steps if bool(self.initialised) else self.init_steps
+        steps = self.steps if self._initialised.get(self.initialised) else self.init_steps
         total = 0.0
         for i, convs in enumerate(self.groups):
             w = self._weights(convs).float()
@@ -68,6 +70,7 @@ class SpectralPenalty(nn.Module):
             total = total + torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).sum()  # sum_g u_g^T w_g v_g
         if self.training:
             self.initialised.fill_(True)
+            self._initialised.set(self.initialised, True)
         return total
 
 

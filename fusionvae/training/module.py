@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.training_order import mix
+from fusionvae.model.host_copy import HostCopy
 from fusionvae.model.network import FusionVAE
 from fusionvae.model.network_config import NetworkConfig
 from fusionvae.model.objective import (
@@ -83,6 +84,7 @@ class FusionVAEModule(L.LightningModule):
         self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
+        self._batches = HostCopy()
         self.step_engine = SkipSafeStep(self, self.loss_settings.max_consecutive_skips)
         self.automatic_optimization = False
 
@@ -96,8 +98,12 @@ class FusionVAEModule(L.LightningModule):
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:
         """K ~ U{0..k_max}, identical on all DDP ranks and reproducible from (seed, batch count)."""
-        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + int(self.train_batches))
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.batches_done())
         return int(torch.randint(0, self.hparams.k_max + 1, (1,), generator=g))
+
+    def batches_done(self) -> int:
+        """Training batches begun so far (the ``train_batches`` buffer, without a device read per step)."""
+        return self._batches.get(self.train_batches)
 
     def terms(self, batch: torch.Tensor, k: int, prior_sigma: bool = False) -> Terms:
         """NLL and KL per item for the last ``k`` views of ``batch`` (one posterior draw)."""
@@ -119,8 +125,10 @@ class FusionVAEModule(L.LightningModule):
         (see ``_optimise``)."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         k = self.draw_k()
-        torch.manual_seed(mix(self.hparams.seed, int(self.train_batches), self.global_rank))
+        done = self.batches_done()
+        torch.manual_seed(mix(self.hparams.seed, done, self.global_rank))
         self.train_batches += 1
+        self._batches.set(self.train_batches, done + 1)
         self.step_engine.begin()
         self.spectral.start_step()
         terms = self.terms(batch, k)

@@ -59,7 +59,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, lr_
 def build_optimizer(params, settings: OptimSettings, total_steps: int, epochs: int) -> dict:
     """Lightning's ``configure_optimizers`` result: Adamax (foreach: one multi-tensor update per
     step) and the per-step warm-up + cosine schedule over ``total_steps``."""
-    opt = torch.optim.Adamax(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, foreach=True)
+    params = list(params)
+    # capturable on CUDA: the step count stays on the device (no host read per step)
+    cuda = all(p.is_cuda for p in params)
+    opt = torch.optim.Adamax(
+        params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, foreach=True, capturable=cuda
+    )
     total = max(1, int(total_steps))
     warmup = max(1, int(settings.warmup_epochs * total / max(1, epochs)))
     sched = torch.optim.lr_scheduler.LambdaLR(

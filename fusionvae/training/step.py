@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from fusionvae.errors import TooManySkippedSteps
+from fusionvae.model.host_copy import HostCopy
 from fusionvae.training.flat import flat_buffers, flat_parameters, is_flat, zero_gradients
 
 COUNTERS = ("skipped_steps", "train_batches")  # buffers a skip must not restore
@@ -103,6 +104,10 @@ class SkipSafeStep:
     def skip(self, opt, step: int, folder: str | None) -> None:
         """Undo what the skipped forward pass changed; stop after too many skips in a row."""
         torch._foreach_copy_(self._flat_state, self._saved_state)
+        for module in self.module.modules():  # the restore went around the buffers' own tensors
+            for value in vars(module).values():
+                if isinstance(value, HostCopy):
+                    value.forget()
         self.zero_grad(opt)
         self.module.skipped_steps += 1
         self.consecutive_skips += 1
