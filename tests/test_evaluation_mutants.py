@@ -229,7 +229,7 @@ def fake_run(tmp_path, monkeypatch, *, bits=False, hydra=None, global_zero=True,
         loggers=["L"],
     )
     datamodule = types.SimpleNamespace(test_dataloader=lambda: "loader")
-    monkeypatch.setattr(job, "check_settings", lambda cfg: None)  # a fake config: no trainer to check
+    monkeypatch.setattr(job, "check_run", lambda cfg: None)  # a fake config: no trainer to check
     monkeypatch.setattr(job, "checkpoint_to_evaluate", lambda cfg: (ckpt, model))
     monkeypatch.setattr(job, "build", lambda cfg: (datamodule, None, trainer))
     monkeypatch.setattr(job, "describe_model", lambda hp, path: (rec.described.append(path), {"name": "m"})[1])

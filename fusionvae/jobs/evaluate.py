@@ -27,7 +27,7 @@ from fusionvae.training.build import build, finish
 from fusionvae.training.callbacks import log_images
 from fusionvae.training.checkpoint_paths import resolve_ckpt_path
 from fusionvae.training.module import FusionVAEModule
-from fusionvae.training.preflight import check_settings
+from fusionvae.training.preflight import check_run
 from fusionvae.training.resume import check_dataset, legacy_overrides, read_checkpoint
 
 log = logging.getLogger("fusionvae")
@@ -80,7 +80,7 @@ def checkpoint_to_evaluate(cfg: DictConfig) -> tuple[Path, FusionVAEModule]:
 def run_evaluation(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` per K; write metrics.{json,csv,md}, metrics_vs_k.png and grids to
     ``cfg.paths.output_dir``; return ``{K: {metric: mean}}``."""
-    check_settings(cfg)
+    check_run(cfg)
     settings = EvalSettings.from_cfg(cfg.get("eval"))
     keep_freed_memory()  # 1.8x faster on the CPU (fusionvae/jobs/malloc.py)
     ckpt_path, model = checkpoint_to_evaluate(cfg)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from fusionvae.errors import Preempted
 from fusionvae.training.build import build, finish
 from fusionvae.training.checkpoint_paths import resolve_ckpt_path
-from fusionvae.training.preflight import check_settings, check_writable
+from fusionvae.training.preflight import check_run
 from fusionvae.training.resilience import stop_outside_training
 from fusionvae.training.resume import check_dataset, check_model, check_resumable, read_checkpoint
 from fusionvae.training.run_lock import run_lock
@@ -40,8 +40,7 @@ def train(cfg: DictConfig) -> dict:
     Raises ``Preempted`` after SIGTERM / SIGUSR1 / SIGINT (checkpoint saved by ``RunGuard``), and
     ``RunFolderInUseError`` while another job trains in ``paths.output_dir`` (``fusionvae.training.run_lock``)."""
     with stop_outside_training():
-        check_settings(cfg)
-        check_writable(cfg)
+        check_run(cfg)
         ckpt_path, wandb_id = resume_from(cfg)
         datamodule, model, trainer = build(cfg, wandb_id=wandb_id)
         # locked before any logger starts: a refused job must not join the running job's W&B run
