@@ -58,7 +58,7 @@ class RunFolderInUseError(FusionVAEError, FileExistsError):
 
 
 # the OS errors of writing files that the user fixes, not the code, and how
-WRITE_FIXES = {
+_WRITE_FIXES = {
     errno.ENOSPC: "free space there",
     errno.EDQUOT: "free space (disk quota) there",
     errno.EROFS: "",
@@ -73,7 +73,7 @@ class WriteError(FusionVAEError, OSError):
     def __init__(self, err: OSError, where=None):
         where = err.filename or where
         reason = os.strerror(err.errno) if err.errno else str(err)
-        fix = WRITE_FIXES.get(err.errno, "check that folder")
+        fix = _WRITE_FIXES.get(err.errno, "check that folder")
         super().__init__(
             f"{f'cannot write {where}' if where else 'a file write failed'}: {reason}; "
             f"{fix + ', or ' if fix else ''}point paths.log_dir "

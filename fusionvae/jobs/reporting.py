@@ -5,6 +5,7 @@ error types besides the package itself."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -13,7 +14,10 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from fusionvae.errors import WRITE_FIXES, FusionVAEError, Preempted, WriteError
+from fusionvae.errors import FusionVAEError, Preempted, WriteError
+
+# OS errors that only a write gives (a denied read or a file in a path's way can also be the data's)
+_ONLY_WRITES_FAIL_SO = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @contextmanager
@@ -45,8 +49,8 @@ def user_error(err: BaseException) -> BaseException | None:
     """The error a user can fix behind ``err``, or None for a bug: ``err`` itself (a
     ``FusionVAEError``, a missing file, a stale or damaged LMDB, an unusable image folder), the
     cause Hydra wrapped in an ``InstantiationException`` (a constructor's ``ValueError`` included),
-    or a ``WriteError`` for a full disk or
-    read-only folder found anywhere in the chain (``torch.save`` turns ENOSPC into a RuntimeError)."""
+    or a ``WriteError`` for a full disk or read-only folder found anywhere in the chain
+    (``torch.save`` turns ENOSPC into a RuntimeError)."""
     from hydra.errors import InstantiationException
 
     if isinstance(err, (FusionVAEError, FileNotFoundError, *_data_errors())):
@@ -57,7 +61,7 @@ def user_error(err: BaseException) -> BaseException | None:
         return cause if isinstance(cause, ValueError) else user_error(cause)
     seen = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in WRITE_FIXES:
+        if isinstance(seen, OSError) and seen.errno in _ONLY_WRITES_FAIL_SO:
             return WriteError(seen)
         seen = seen.__cause__ or seen.__context__
     return None
