@@ -80,3 +80,29 @@ def test_warmup_cosine_lr():
     assert f(0) == lr / 10 and abs(f(9) - lr) < 1e-12
     assert abs(f(60) - (lr + lr_min) / 2) < 1e-9
     assert abs(f(110) - lr_min) < 1e-12 and abs(f(500) - lr_min) < 1e-12
+
+
+def test_the_forward_pass_normalises_all_weights_together_and_the_regulariser_reuses_them():
+    """One stack per weight shape (layers.normalise_together): the same weights each conv would
+    normalise on its own, the layout kept, and the regulariser's [G, out, in k k] from that stack."""
+    from fusionvae.model.layers import WNConv2d, stacked_weights, weight_norm_groups
+    from fusionvae.model.network import FusionVAE
+    from tests.test_network import TINY
+
+    torch.manual_seed(0)
+    net = FusionVAE(**TINY)
+    net(torch.rand(2, 3, 1, 32, 32), torch.rand(2, 1, 32, 32))
+    convs = [m for m in net.modules() if isinstance(m, WNConv2d)]
+    for c in convs:
+        own = c.normalized_weight()
+        torch.testing.assert_close(c.given_weight, own, rtol=1e-5, atol=1e-6)
+        cl = torch.channels_last
+        assert c.given_weight.is_contiguous(memory_format=cl) == own.is_contiguous(memory_format=cl)  # layout kept
+    groups = weight_norm_groups(net)
+    assert len(groups) < len(convs) and sum(map(len, groups)) == len(convs)  # the paper model: far fewer
+    for group in groups:
+        fresh = torch.stack([c.normalized_weight().flatten(1) for c in group])
+        torch.testing.assert_close(stacked_weights(group), fresh, rtol=1e-5, atol=1e-6)
+    penalty = SpectralPenalty(net)
+    penalty.start_step()
+    assert all(c.given_weight is None and c.given_group is None for c in convs)

@@ -23,7 +23,7 @@ from fusionvae.model.aggregation import pool_features
 from fusionvae.model.cells import decoder_cell, encoder_cell
 from fusionvae.model.distributions import LIKELIHOODS, Likelihood, Normal
 from fusionvae.model.latent_group import LatentGroup, legacy_key_map
-from fusionvae.model.layers import conv
+from fusionvae.model.layers import conv, normalise_together, weight_norm_groups
 from fusionvae.model.network_config import NetworkConfig
 
 
@@ -82,6 +82,7 @@ class FusionVAE(nn.Module):
         self.memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         self.register_load_state_dict_pre_hook(legacy_key_map)
+        self._wn_groups = weight_norm_groups(self)  # plain list: the convs stay submodules of their cells
 
     @property
     def groups_decoder_order(self) -> list[int]:
@@ -176,6 +177,8 @@ class FusionVAE(nn.Module):
         prior p(z | x) at temperature ``t`` (t = 0: the means). ``repeats`` draws that many z per
         item from one encoder pass (outputs ordered item-major, ``[B * repeats, ...]``).
         """
+        if not torch.compiler.is_compiling():  # compiled, each conv normalises its own (fused by inductor)
+            normalise_together(self._wn_groups)  # all weights at once, a few ops per weight shape
         b, k = views.shape[:2]
         images = views if target is None else torch.cat([views, target.unsqueeze(1)], dim=1)
         slots = images.shape[1]

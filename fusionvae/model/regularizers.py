@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fusionvae.model.host_copy import HostCopy
-from fusionvae.model.layers import WNConv2d
+from fusionvae.model.layers import WNConv2d, stacked_weights
 
 
 def power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,15 +46,14 @@ class SpectralPenalty(nn.Module):
     @staticmethod
     def _weights(convs: list[WNConv2d]) -> torch.Tensor:
         """``[G, out, in k k]``: this step's normalised weights, reused from the forward pass."""
-        return torch.stack(
-            [(c.last_weight if c.last_weight is not None else c.normalized_weight()).flatten(1) for c in convs]
-        )
+        return stacked_weights(convs)
 
     def start_step(self) -> None:
-        """Forget the weights of the previous step's forward pass (call before each forward)."""
+        """Forget the weights of the previous forward pass (call before each training forward: a
+        compiled one gives none, and the regulariser must not see a validation pass's)."""
         for convs in self.groups:
             for conv in convs:
-                conv.last_weight = None
+                conv.given_weight = conv.given_group = None
 
     def forward(self) -> torch.Tensor:
         steps = self.steps if self._initialised.get(self.initialised) else self.init_steps
