@@ -67,6 +67,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "fusionvae/training/module.py",
         ["tests/test_lit_module.py", "tests/test_objective_values.py", "tests/test_lit_module_mutants.py"],
     ),
+    "step": (
+        "fusionvae/training/step.py",
+        ["tests/test_step.py", "tests/test_host_copy.py", "tests/test_lit_module_mutants.py"],
+    ),
     "evaluation": (
         "fusionvae/evaluation/evaluator.py",
         ["tests/test_eval_values.py", "tests/test_evaluation.py", "tests/test_evaluation_mutants.py"],
