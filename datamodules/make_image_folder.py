@@ -38,6 +38,7 @@ from datamodules.folder_scan import (
 )
 from datamodules.images import encode_stack, to_tensor
 from datamodules.lmdb_env import close_env, resolve
+from datamodules.lmdb_errors import LMDBDamagedError
 from datamodules.lmdb_store import (
     TEMP_MARK,
     LMDBMetadataError,
@@ -109,6 +110,19 @@ def discard(path: Path) -> None:
     log.info("removed %s to rebuild it", path)
 
 
+def discard_damaged(paths: list[Path], rebuild: bool) -> None:
+    """With ``rebuild``, remove each LMDB of ``paths`` whose file is damaged, so it is built anew;
+    without, the first check that reads it reports the damage in one line."""
+    if not rebuild:
+        return
+    for path in paths:
+        try:
+            is_complete(path)
+        except LMDBDamagedError:
+            log.warning("%s is damaged: rebuilding it (dataset.rebuild=true)", path)
+            discard(path)
+
+
 def clean_record(rel: str, root: str, size: int, channels: int) -> bytes | str:
     """PNG bytes of one fitted image, or a one-line reason why it cannot be read."""
     try:
@@ -170,6 +184,7 @@ def build_image_folder(
     return the image count per split. ``scan`` None: the folder is gone, use the LMDBs as they are."""
     out = Path(out).expanduser().absolute()
     images, hint = out / "images", rebuild_hint(out)
+    discard_damaged([images, *(out / split for split in VIEW_SPLITS)], rebuild)
     if is_complete(images):
         check_source(images, scan, spec.expected_images(), hint, rebuild)
     if not is_complete(images):

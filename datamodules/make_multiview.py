@@ -38,7 +38,7 @@ from datamodules.folder_scan import (
 )
 from datamodules.images import encode_stack
 from datamodules.lmdb_store import ensure_lmdb, is_complete, read_meta
-from datamodules.make_image_folder import check_source, discard, rebuild_hint
+from datamodules.make_image_folder import check_source, discard, discard_damaged, rebuild_hint
 from datamodules.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def build_multiview(
     scene count per split. ``scan`` None: the folder is gone, use the LMDBs as they are."""
     out = Path(out).expanduser().absolute()
     hint = rebuild_hint(out)
+    discard_damaged([out / split for split in SPLITS], rebuild)
     for split in SPLITS:
         if is_complete(out / split):
             check_source(out / split, scan, spec.expected(split), hint, rebuild)
