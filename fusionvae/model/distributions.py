@@ -98,11 +98,12 @@ class DiscMixLogistic(Likelihood):
         b, _, h, w = params.shape
         m, c = num_mix, channels
         self.c, self.m = c, m
-        self.logits = params[:, :m]  # [B, M, H, W]
-        rest = params[:, m:].view(b, -1, m, h, w)
-        self.means = rest[:, :c]  # [B, C, M, H, W]
-        self.log_scales = rest[:, c : 2 * c].clamp(min=-7.0)
-        self.coeffs = torch.tanh(rest[:, 2 * c :])  # [B, C(C-1)/2, M, H, W]
+        # splits, not slices: one backward op (a cat) instead of zeros + copy per slice
+        self.logits, rest = params.split([m, params.shape[1] - m], dim=1)  # logits [B, M, H, W]
+        rest = rest.view(b, -1, m, h, w)
+        self.means, log_scales, coeffs = rest.split([c, c, rest.shape[1] - 2 * c], dim=1)  # [B, C, M, H, W]
+        self.log_scales = log_scales.clamp(min=-7.0)
+        self.coeffs = torch.tanh(coeffs)  # [B, C(C-1)/2, M, H, W]
 
     @staticmethod
     def num_params(channels: int, num_mix: int = 10) -> int:

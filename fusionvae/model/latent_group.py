@@ -42,12 +42,15 @@ class LatentGroup(nn.Module):
         at the features level; V = 0 for K = 0) and the target's ``[n, 2 z_ch, h, w]`` (empty
         without a target). One head call for all of them."""
         f = slot_feats + self.enc_proj(s).unsqueeze(1)
+        # split, not two slices: one backward op (a cat) instead of zeros + copy per slice
         if self.level == "features" and k > 0:
-            f = torch.cat([pool_features(f[:, :k], self.aggregation).unsqueeze(1), f[:, k:]], dim=1)
+            seen, rest = f.split([k, f.shape[1] - k], dim=1)
+            f = torch.cat([pool_features(seen, self.aggregation).unsqueeze(1), rest], dim=1)
         views = min(k, 1) if self.level == "features" else k
         n, slots = f.shape[:2]
         out = self.head(f.flatten(0, 1)).view(n, slots, 2 * self.z_ch, *f.shape[3:])
-        return out[:, :views], out[:, views:].squeeze(1)
+        view_out, target_out = out.split([views, slots - views], dim=1)
+        return view_out, target_out.squeeze(1)
 
     def prior(self, s: torch.Tensor, view_out: torch.Tensor | None) -> Normal:
         """p(z_l | z_<l, x) from the views' head outputs, or the unconditional prior without views."""
