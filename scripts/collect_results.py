@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fusionvae.evaluation.report import headers_for, markdown_table, metric_columns, plot_metrics_vs_k, write_csv  # noqa: E402
+from fusionvae.evaluation.report import headers_for, markdown_table, metric_columns  # noqa: E402
+from fusionvae.evaluation.report_plot import plot_metrics_vs_k  # noqa: E402
+from fusionvae.files import write_csv  # noqa: E402
 
 MODEL_ORDER = ("fusionvae", "cvae", "fcn")  # table order; other names follow in the order found
 

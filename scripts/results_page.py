@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fusionvae.evaluation.report import headers_for, markdown_table, plot_metrics_vs_k, read_per_item  # noqa: E402
+from fusionvae.evaluation.report import headers_for, markdown_table, read_per_item  # noqa: E402
+from fusionvae.evaluation.report_plot import plot_metrics_vs_k  # noqa: E402
+from fusionvae.files import write_text  # noqa: E402
 from scripts.page_discussion import discussion_section, kept_discussion  # noqa: E402
 from scripts.page_stats import VERDICT_RULE, model_difference, over_seeds, view_change  # noqa: E402
 
@@ -250,7 +252,4 @@ def write_page(runs, work: Path, out: Path, facts: dict) -> Path:
     text = "".join(generated)
     discussion = discussion_section(body, written_for, stamp(facts), text)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(head + generated[0] + discussion + "".join(generated[1:]))
-    os.replace(tmp, page)
-    return page
+    return write_text(page, head + generated[0] + discussion + "".join(generated[1:]))

@@ -31,4 +31,4 @@ def test_module_and_function_sizes(path):
 def test_fusionvae_top_level_holds_the_base_and_the_wings():
     """A floor plan (docs/design.md, "Code"): the base modules and four wings, not a flat folder."""
     top = sorted(p.name for p in (ROOT / "fusionvae").iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file())
-    assert top == ["__init__.py", "errors.py", "evaluation", "jobs", "model", "settings.py", "training"]
+    assert top == ["__init__.py", "errors.py", "evaluation", "files.py", "jobs", "model", "settings.py", "training"]

@@ -9,8 +9,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from fusionvae.evaluation.report import plot_metrics_vs_k  # noqa: E402
-from fusionvae.evaluation.report_plot import better, metrics_figure, readable_limits  # noqa: E402
+from fusionvae.evaluation.report_plot import (  # noqa: E402
+    better,
+    metrics_figure,
+    plot_metrics_vs_k,  # noqa: E402
+    readable_limits,
+)
 
 ROWS = [
     {"K": 0, "nelbo": 0.0, "psnr_best": 20.0, "mse_mean": 0.05, "kl": 3.0, "class_best": 0.5},

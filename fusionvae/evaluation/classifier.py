@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from datamodules.mnist import load_mnist_images, load_mnist_labels
+from fusionvae.files import replaced
 
 
 class ImageClassifier(nn.Module):
@@ -87,9 +88,8 @@ def save(model: ImageClassifier, path: str | Path, test_accuracy: float) -> Path
     """Write the classifier atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "config": model.config, "test_accuracy": test_accuracy}, tmp)
-    os.replace(tmp, path)
+    with replaced(path, "wb") as f:
+        torch.save({"state_dict": model.state_dict(), "config": model.config, "test_accuracy": test_accuracy}, f)
     return path
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fusionvae.evaluation.metrics import IMAGE_METRICS
+from fusionvae.files import write_csv, write_text
 from fusionvae.model.network_config import NetworkConfig
 
 # column key -> header; NELBO / IW-NLL are in the run's units (nats or bits/dim)
@@ -140,16 +140,6 @@ def summary_table(results: Mapping[int, Mapping[str, float]], units: str | None)
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Mapping], columns: list[str], path: Path) -> None:
-    """``rows`` as CSV, written to a temporary file and renamed (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def write_per_item(per_item: Mapping[int, Mapping[str, Any]], path: Path) -> Path:
     """``per_item.csv``: one row per (item, K) with every metric (``pandas.read_csv(path)``;
     ``read_per_item`` without pandas). ``item`` is the index in the test set, the same for every K
@@ -183,19 +173,6 @@ def headers_for(units: str | None) -> dict[str, str]:
     return {**METRICS, "nelbo": "NELBO" + suffix, "iw_nll": "IW-NLL" + suffix}
 
 
-def plot_metrics_vs_k(
-    series: Mapping[str, list[Mapping]],
-    path: Path,
-    units: str | None = None,
-    errors: Mapping[str, list[Mapping]] | None = None,
-    count: int | None = None,
-) -> Path:
-    """``fusionvae.evaluation.report_plot.plot_metrics_vs_k`` (there: matplotlib is imported only to plot)."""
-    from fusionvae.evaluation.report_plot import plot_metrics_vs_k as plot
-
-    return plot(series, path, units, errors, count)
-
-
 def write_report(
     results: Mapping[int, Mapping[str, float]],
     stderr: Mapping[int, Mapping[str, float]],
@@ -215,15 +192,18 @@ def write_report(
         if rows and all(name in row for row in rows)
     }
     paths = {name: out_dir / f"metrics.{name}" for name in ("json", "csv", "md")}
-    paths["json"].write_text(json.dumps({**info, "per_k": rows, "stderr": errors, "mean_over_k": over_k}, indent=2))
+    write_text(paths["json"], json.dumps({**info, "per_k": rows, "stderr": errors, "mean_over_k": over_k}, indent=2))
     write_csv(rows, columns, paths["csv"])
     model = info.get("model") or {}
-    paths["md"].write_text(
+    write_text(
+        paths["md"],
         f"# Evaluation: {model.get('name', 'model')}\n\n"
         + _facts(info)
         + "\n"
-        + markdown_table(rows, columns, {**headers_for(units), "K": "K"}, errors)
+        + markdown_table(rows, columns, {**headers_for(units), "K": "K"}, errors),
     )
+    from fusionvae.evaluation.report_plot import plot_metrics_vs_k  # matplotlib only when plotting
+
     paths["png"] = plot_metrics_vs_k(
         {model.get("name", "model"): rows},
         out_dir / "metrics_vs_k.png",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from fusionvae.errors import BadInputError, FusionVAEError
+from fusionvae.files import replaced
 from fusionvae.jobs.evaluate import load_model
 from fusionvae.jobs.fuse_args import DEVICES, MAX_SEED, ArgumentParser, arg_type, check_device, check_temperature, whole
 from fusionvae.model.sampling import draw, input_columns, mean_image, render_grid
@@ -119,12 +120,8 @@ def expand_views(paths: Sequence[str | Path]) -> list[Path]:
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write ``image`` as a PNG atomically (a temporary file in the same folder, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
-    try:
-        save_image(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced(path, "wb") as f:
+        save_image(image, f, format="png")
 
 
 def fitted_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:

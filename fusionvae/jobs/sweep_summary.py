@@ -18,12 +18,12 @@ from __future__ import annotations
 import atexit
 import csv
 import json
-import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from fusionvae.files import write_csv, write_text
 from fusionvae.training.run_name import varying_items
 
 BEST = "best val/nelbo"
@@ -141,21 +141,6 @@ def write_summary(sweep_dir: Path) -> str:
         best = min(scored, key=lambda row: row[BEST])
         lines += ["", f"lowest {BEST}: job {best['job']} ({best['overrides'] or 'no overrides'}) {best[BEST]:.4f}"]
     text = "\n".join(lines) + "\n"
-    _replace(sweep_dir / "summary.md", text)
-    _write_csv(sweep_dir / "summary.csv", header, rows)
+    write_text(sweep_dir / "summary.md", text)
+    write_csv(rows, header, sweep_dir / "summary.csv")
     return text
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusionvae.files import write_text
+
 log = logging.getLogger("fusionvae")
 _REPEAT = re.compile(r"\$\{[\w.\[\]-]+\}")  # ${key}: another key's value (not ${resolver:...})
 
@@ -115,7 +117,4 @@ def write_result(trainer) -> Path:
         "last": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")},
     }
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, root / "result.json")
-    return root / "result.json"
+    return write_text(root / "result.json", json.dumps(result, indent=2) + "\n")
