@@ -61,12 +61,22 @@ def test_as_features_the_same_weights_compute_something_else():
     assert not torch.allclose(kl, torch.tensor(NUMBERS["fusionvae_max"]["3"]["kl"]), rtol=1e-3)
 
 
+def evaluate_small(ckpt: Path, data_dir: Path, out: Path, grid_images: int) -> dict:
+    """``evaluate.py`` on one test batch of ``ckpt``, S = N = 2, results in ``out``."""
+    dataset = [o for o in TINY if o.startswith("dataset.")]
+    paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={out}", f"ckpt_path={ckpt}"]
+    small = [
+        "trainer.limit_test_batches=1",
+        "eval.iw_samples=2",
+        "eval.num_samples=2",
+        f"eval.grid_images={grid_images}",
+    ]
+    cfg = compose_cfg("evaluate", [*dataset, *paths, *small])
+    return run_evaluation(cfg)
+
+
 def test_legacy_checkpoint_evaluates_end_to_end(data_dir, tmp_path):
-    cfg = compose_cfg("evaluate", [*[o for o in TINY if o.startswith("dataset.")], f"paths.data_dir={data_dir}",
-                                   f"paths.output_dir={tmp_path}", f"ckpt_path={LEGACY / 'cvae_skip_max.ckpt'}",
-                                   "trainer.limit_test_batches=1", "eval.iw_samples=2", "eval.num_samples=2",
-                                   "eval.grid_images=2"])  # fmt: skip
-    results = run_evaluation(cfg)
+    results = evaluate_small(LEGACY / "cvae_skip_max.ckpt", data_dir, tmp_path, grid_images=2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert sorted(results) == [0, 1, 2, 3] and saved["model"]["aggregation_level"] == "params"
     assert saved["model"]["skip"] == "max_add" and (tmp_path / "per_item.csv").is_file()
@@ -106,9 +116,5 @@ def test_a_checkpoint_from_before_the_wings_trains_on(data_dir, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_wings_evaluates(data_dir, tmp_path):
-    cfg = compose_cfg("evaluate", [*[o for o in TINY if o.startswith("dataset.")], f"paths.data_dir={data_dir}",
-                                   f"paths.output_dir={tmp_path}", f"ckpt_path={BEFORE_WINGS}",
-                                   "trainer.limit_test_batches=1", "eval.iw_samples=2", "eval.num_samples=2",
-                                   "eval.grid_images=0"])  # fmt: skip
-    results = run_evaluation(cfg)
+    results = evaluate_small(BEFORE_WINGS, data_dir, tmp_path, grid_images=0)
     assert sorted(results) == [0, 1, 2, 3] and all(math.isfinite(results[k]["iw_nll"]) for k in results)

@@ -14,6 +14,7 @@ from fusionvae.jobs.evaluate import run_evaluation
 from fusionvae.jobs.train import train
 from fusionvae.training.build import build
 from tests.conftest import ROOT, TINY, compose_cfg
+from tests.test_run_logging import strings
 
 SHORT = [
     "trainer.max_epochs=1",
@@ -180,13 +181,6 @@ def logged_once_without_absolute_paths(csv_log: Path, data_dir: Path) -> None:
     assert set(hparams) == top | {"ckpt_path", "test", "params"}
     assert not {"seed", "k_max", "crop", "channels"} & set(hparams["model"])  # ${seed}, ${dataset.k_max}, ...
     assert "data_dir" not in hparams["dataset"] and "save_dir" not in hparams["logger"]["wandb"]
-
-    def strings(value):
-        if isinstance(value, dict):
-            return [s for v in value.values() for s in strings(v)]
-        if isinstance(value, list):
-            return [s for v in value for s in strings(v)]
-        return [value] if isinstance(value, str) else []
 
     assert not [s for s in strings(hparams) if os.path.isabs(s)]
     assert hparams["paths"]["data_dir"] == os.path.relpath(data_dir, ROOT)  # the jobs run in ROOT
