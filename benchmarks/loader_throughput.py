@@ -1,7 +1,7 @@
 """Data-loading throughput of one dataset config (no model): samples/s and batches/s.
 
     python benchmarks/loader_throughput.py [--batches 200 --warmup 20 --split train] [hydra overrides ...]
-e.g. FUSIONVAE_DATA_DIR=../shared/data python benchmarks/loader_throughput.py \\
+e.g. FUSIONVAE_DATA_DIR=/path/to/data python benchmarks/loader_throughput.py \\
          dataset=mnist dataset.batch_size=64 dataset.num_workers=2
 Composes conf/train.yaml with the overrides, instantiates ``cfg.dataset``, runs prepare_data and
 setup, then times ``--batches`` batches of the chosen loader after ``--warmup`` untimed ones

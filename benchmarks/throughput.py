@@ -3,7 +3,7 @@ Lightning training step (objective, skip checks, optimiser, schedule, logging) o
 
     python benchmarks/throughput.py [hydra overrides ...] [--k 3] [--steps 20 --warmup 3]
                                     [--device cpu|cuda] [--precision 32|bf16]
-e.g. FUSIONVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/throughput.py dataset.batch_size=64
+e.g. FUSIONVAE_DATA_DIR=/path/to/data OMP_NUM_THREADS=1 python benchmarks/throughput.py dataset.batch_size=64
 
 Reports images/s (batch items, each with up to k_max views + target), ms/step, peak memory (the
 process's RSS on CPU, the CUDA allocator's peak on GPU) and the leaf ATen ops of one training

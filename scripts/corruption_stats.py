@@ -1,6 +1,6 @@
 """Statistics of the fixed FusionMNIST validation views (what the corruption formula produces).
 
-    FUSIONVAE_DATA_DIR=../shared/data python scripts/corruption_stats.py [--n 5000]
+    FUSIONVAE_DATA_DIR=/path/to/data python scripts/corruption_stats.py [--n 5000]
 
 Prints one JSON line: mean view intensity, fraction of non-zero view pixels and the mean of the
 2-px padding, over the first ``n`` validation digits x k_max views.

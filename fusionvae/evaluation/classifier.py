@@ -7,7 +7,7 @@ samples that do). The reference is the classifier's reading of the clean target,
 to the target always counts and no labels are needed; the net's accuracy on the clean test set is
 stored with it and printed by the reports that use it.
 
-    python -m fusionvae.evaluation.classifier --data-dir ../shared/data --out logs/digit_classifier.pt
+    python -m fusionvae.evaluation.classifier --data-dir /path/to/data --out logs/digit_classifier.pt
 
 trains it once on clean, padded MNIST (about a minute on one CPU core); ``ensure_classifier``
 reuses the file when it exists.
