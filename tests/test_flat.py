@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fusionvae.training.flat import flat_buffers, flat_parameters, flatten, is_flat, zero_gradients
+from fusionvae.training.flat import FlatGradients, flat_buffers, flat_parameters, flatten, is_flat, memory_order
 
 
 def model() -> nn.Module:
@@ -26,33 +26,67 @@ def test_parameters_keep_values_shapes_and_strides_and_share_one_buffer():
     assert all(torch.equal(p, before[n][0] + 1) for n, p in net.named_parameters())
 
 
-def test_gradients_accumulate_into_the_flat_gradient_and_zero_in_one_go():
+def accumulate_grad_ops(net, x) -> list[str]:
+    """The ATen ops autograd runs to store the gradients of one backward pass."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        net(x).square().sum().backward()
+    return [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::") and "AccumulateGrad" in str(e.cpu_parent and e.cpu_parent.name)
+    ]
+
+
+def test_gradients_are_gathered_into_the_flat_gradient_with_one_cat_and_no_adds():
     net = model()
     flat = flat_parameters(net)
+    grads = FlatGradients(net, flat)
     x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
-    net(x).square().sum().backward()
+    flat.grad.fill_(7.0)  # the last step's gradients: replaced, not added to
+    grads.release()
+    assert all(p.grad is None for p in net.parameters())
+    assert set(accumulate_grad_ops(net, x)) == {"aten::detach"}  # stored as computed: no add into a buffer
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert grads.gather() is flat.grad
+    views = {"aten::permute", "aten::reshape", "aten::view", "aten::_reshape_alias", "aten::slice", "aten::as_strided"}
+    top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    assert [name for name in top if name not in views] == ["aten::cat"]  # nothing copied but by the cat
     reference = model()
     reference(x).square().sum().backward()
     for p, q in zip(net.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+        torch.testing.assert_close(p.grad, q.grad)  # the channels_last strides read back right
+    assert is_flat(flat.grad, [p.grad for p in net.parameters()])  # each .grad its slice again
     torch.testing.assert_close(
         torch.linalg.vector_norm(flat.grad),
         torch.linalg.vector_norm(torch.cat([q.grad.flatten() for q in reference.parameters()])),
     )
-    zero_gradients(net, flat)
-    assert torch.all(flat.grad == 0) and all(torch.all(p.grad == 0) for p in net.parameters())
 
 
-def test_gradients_set_to_none_are_linked_again():
+def test_parameters_without_a_gradient_get_zeros():
     net = model()
     flat = flat_parameters(net)
-    net.zero_grad(set_to_none=True)  # e.g. a library call
-    zero_gradients(net, flat)
-    assert is_flat(flat.grad, [p.grad for p in net.parameters()])
-    flat.grad = None
-    zero_gradients(net, flat)
-    assert flat.grad is not None and torch.all(flat.grad == 0)
-    assert is_flat(flat.grad, [p.grad for p in net.parameters()])
+    grads = FlatGradients(net, flat)
+    flat.grad.fill_(7.0)
+    grads.release()
+    net[0](torch.randn(2, 3, 6, 6)).sum().backward()  # only the first conv takes part
+    grads.gather()
+    assert (
+        torch.all(net[0].weight.grad != 7) and torch.all(net[2].weight.grad == 0) and torch.all(net[1].bias.grad == 0)
+    )
+
+
+def test_memory_order_is_the_contiguous_permutation():
+    nhwc = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert memory_order(nhwc) == [0, 2, 3, 1] and nhwc.permute(memory_order(nhwc)).is_contiguous()
+    assert memory_order(torch.zeros(4, 5)) == [0, 1] and memory_order(torch.zeros(())) == []
+
+
+def test_flat_gradients_refuse_parameters_that_are_not_flat():
+    net = model()
+    flat = flat_parameters(net)
+    net.to(torch.float64)
+    with pytest.raises(ValueError, match="FlatGradients needs the parameters that flat_parameters"):
+        FlatGradients(net, flat)
 
 
 def test_buffers_grouped_by_dtype_and_updated_in_place():
@@ -92,15 +126,3 @@ def test_flatten_refuses_a_strided_four_dimensional_tensor_and_accepts_channels_
     flat = flatten([nhwc])
     assert torch.equal(nhwc, torch.arange(48.0).view(2, 2, 3, 4)) and nhwc.stride() == (24, 1, 8, 2)
     assert is_flat(flat, [nhwc])
-
-
-def test_zero_gradients_keeps_linked_gradients_without_relinking():
-    net = model()
-    flat = flat_parameters(net)
-    net(torch.randn(2, 3, 6, 6)).square().sum().backward()
-    grads = [p.grad for p in net.parameters()]
-    assert flat.grad.abs().sum() > 0
-    zero_gradients(net, flat)
-    # the same gradient tensors, zeroed in place: nothing relinked while every one is still in flat.grad
-    assert all(p.grad is g for p, g in zip(net.parameters(), grads))
-    assert torch.all(flat.grad == 0) and all(torch.all(g == 0) for g in grads)

@@ -1,7 +1,8 @@
 """Checks that need a CUDA GPU (``pytest -m gpu``; skipped without one; benchmarks/device_check.sh
 runs them): the default config picks the GPU and bf16, bf16 mixed precision keeps the
 distribution maths in fp32, ``model.compile=true`` (inductor, default and reduce-overhead) gives
-the eager values, and SyncBatchNorm under the DDP trainer (2 GPUs or more)."""
+the eager values, a training step never waits for the GPU, and SyncBatchNorm under the DDP
+trainer (2 GPUs or more)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,26 @@ def test_sync_batchnorm_under_the_ddp_trainer(data_dir, tmp_path):
         assert info["sync"] > 0 and info["plain"] == 0 and info["world_size"] == 2, info
         assert info["device"] == f"cuda:{rank}"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_training_step_on_the_gpu_never_waits_for_it():
+    """CUDA's sync debug mode raises on every operation that makes the host wait for the GPU (a
+    value read into Python, a blocking copy from the host): a training step has none, a skipped
+    one included. The CPU twin, tests/test_lit_module_mutants.py, counts the reads only."""
+    from tests.test_lit_module_mutants import attach, batch, module, with_optimizer
+
+    m = module().cuda()
+    attach(m)
+    with_optimizer(m)
+    m._trainer._logger_connector.should_update_logs = False  # logging steps read the skip count
+    good, bad = batch().cuda(), batch(nan=True).cuda()
+    m.training_step(good, 0)  # the first steps read the power-iteration flag and the batch counter
+    m.training_step(good, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m.training_step(good, 2)
+        m.training_step(bad, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(m.skipped_steps) == 1 and m.step_engine.consecutive_skips == 1

@@ -4,9 +4,11 @@ a flat buffer it lives in, by a state-dict load, or by a device move), else neve
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from fusionvae.model.host_copy import HostCopy
-from fusionvae.training.step import SkipSafeStep
+from fusionvae.model.regularizers import SpectralPenalty
+from fusionvae.training.flat import flat_buffers
 
 
 def reads(copy: HostCopy, t: torch.Tensor) -> tuple[object, int]:
@@ -28,18 +30,28 @@ def test_read_once_then_only_after_a_change():
     assert reads(copy, t.clone()) == (9, 1)  # another tensor (a device move)
 
 
-def test_a_skipped_step_makes_the_copies_read_again():
-    """The skip restores buffers through the flat buffer behind them, which their own tensors do
-    not see (their version is not the flat buffer's): SkipSafeStep.skip forgets every copy."""
+def test_the_power_iteration_flag_is_read_again_after_the_step_that_set_it_and_then_never():
+    """A step's buffer changes are put back through the flat buffer behind them, which their own
+    tensors do not see; so the flag the first step sets is read again at the next step (the step
+    may have been skipped), and from then on it is not read at all."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    net.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-    net.register_buffer("flag", torch.tensor(False))
-    net.copy = HostCopy()
-    engine = SkipSafeStep(net, None)
-    opt = torch.optim.SGD([engine.flat_parameters()], lr=0.1)
-    engine.begin()  # the flag is saved as False
-    net.flag.fill_(True)  # the forward pass sets it
-    net.copy.set(net.flag, True)
-    engine.skip(opt, 0, None)
-    assert bool(net.flag) is False and reads(net.copy, net.flag) == (False, 1)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    pen = SpectralPenalty(net, init_steps=3, steps=1)
+    flat_buffers(list(pen.buffers()))  # as the step engine keeps them
+    counts = []
+    for _ in range(3):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            pen()
+        counts.append(sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense"))
+    assert counts == [1, 1, 0] and bool(pen.initialised)
+
+
+def test_a_skipped_first_step_runs_the_initial_iterations_again():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    pen = SpectralPenalty(net, init_steps=3, steps=1)
+    flag = flat_buffers([pen.initialised])[0]
+    saved = flag.clone()
+    pen()
+    flag.copy_(saved)  # the engine puts the flag back: the step was skipped
+    assert pen._initialised.get(pen.initialised) is False

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from fusionvae.model.objective import balanced_kl, kl_balance_alpha
 from fusionvae.training.module import FusionVAEModule
+from fusionvae.training.optim import warmup_cosine
 from tests.test_network import TINY
 
 CROP = 2
@@ -114,6 +115,11 @@ def lr_formula(step: int, total: int, epochs: int = EPOCHS) -> float:
     return LR_MIN + 0.5 * (LR - LR_MIN) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
+def next_lr(opt) -> float:
+    """The rate the optimiser's next step will use (its schedule at its step count)."""
+    return float(opt.schedule[2] * warmup_cosine(opt.steps_done(), *opt.schedule))
+
+
 def hand_terms(m: FusionVAEModule, batch: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-log p(y|z) over the central crop ``[B]`` and the KL per group ``[B, L]``, in float64."""
     views, target = batch[:, VIEWS - k : VIEWS], batch[:, VIEWS]
@@ -162,7 +168,6 @@ class StepRecorder(L.Callback):
                 first=len(self.forwards.states),
                 batch=batch.detach().clone(),
                 step=trainer.global_step,
-                lr_before=trainer.optimizers[0].param_groups[0]["lr"],
             )
         )
 
@@ -170,7 +175,8 @@ class StepRecorder(L.Callback):
         rec = self.steps[-1]
         rec.update(
             logged={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-            lr_after=trainer.optimizers[0].param_groups[0]["lr"],
+            lr_used=float(trainer.optimizers[0].last_lr),
+            lr_next=next_lr(trainer.optimizers[0]),
             rng=self.forwards.states[rec["first"] :],
         )
 
@@ -217,10 +223,10 @@ def test_training_loss_is_nll_plus_beta_balanced_kl_plus_lambda_reg(run):
 def test_learning_rate_follows_warmup_then_cosine(run):
     _, steps = run
     total = EPOCHS * BATCHES
-    assert steps[0]["lr_before"] == pytest.approx(lr_formula(0, total), rel=1e-9)
     for i, rec in enumerate(steps):
-        assert rec["lr_after"] == pytest.approx(lr_formula(i + 1, total), rel=1e-9), i
-    assert steps[-1]["lr_after"] == pytest.approx(LR_MIN, rel=1e-9)  # the cosine ends at lr_min
+        assert rec["lr_used"] == pytest.approx(lr_formula(i, total), rel=1e-9), i
+        assert rec["lr_next"] == pytest.approx(lr_formula(i + 1, total), rel=1e-9), i
+    assert steps[-1]["lr_next"] == pytest.approx(LR_MIN, rel=1e-9)  # the cosine ends at lr_min
 
 
 # ---- validation NELBO ---------------------------------------------------------------------------
@@ -263,12 +269,11 @@ def _nan_gradient_run(plugins=()):
     t = trainer([cb], max_epochs=1, limit_train_batches=2, plugins=list(plugins))
     t.fit(model, DataLoader(items(8), batch_size=BATCH))
     # a skipped step leaves every other state alone: BN statistics, power-iteration vectors,
-    # optimiser steps (global_step, hence the KL warm-up) and the LR schedule
+    # the optimiser's step count (hence the KL warm-up and the LR schedule)
     for name, b in model.named_buffers():
         assert name not in buffers or torch.equal(b, buffers[name]), name
-    assert t.global_step == 0 and t.optimizers[0].param_groups[0]["lr"] == pytest.approx(
-        lr_formula(0, 2, epochs=1), rel=1e-9
-    )
+    assert int(t.optimizers[0].steps_done()) == 0 and t.global_step == 2  # global_step counts batches
+    assert next_lr(t.optimizers[0]) == pytest.approx(lr_formula(0, 2, epochs=1), rel=1e-9)
     return model, t, before, logged
 
 
@@ -279,7 +284,7 @@ def test_finite_loss_with_nan_gradient_skips_the_step():
     assert int(model.skipped_steps) == 2 and [s["train/skipped_steps"] for s in logged] == [1.0, 2.0]
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
-    assert len(t.optimizers[0].state) == 0  # Adamax never stepped
+    assert all(not v.any() for v in t.optimizers[0].state[model.step_engine.flat].values())  # Adamax never stepped
 
 
 def test_grad_scaler_skips_a_nan_gradient_step_and_backs_off():
@@ -290,5 +295,5 @@ def test_grad_scaler_skips_a_nan_gradient_step_and_backs_off():
     assert int(model.skipped_steps) == 2 and all(math.isfinite(s["train/loss"]) for s in logged)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
-    assert len(t.optimizers[0].state) == 0
+    assert all(not v.any() for v in t.optimizers[0].state[model.step_engine.flat].values())
     assert scaler.get_scale() == scaler._init_scale * scaler.get_backoff_factor() ** 2  # backed off once per step

@@ -1,5 +1,5 @@
 """fusionvae.training.optim: settings parsing, the warm-up / cosine multiplier at its edges and the
-optimiser + scheduler that build_optimizer hands to Lightning."""
+optimiser with its on-device schedule and skip mask that build_optimizer hands to Lightning."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from fusionvae.training.optim import OptimSettings, build_optimizer, warmup_cosine
+from fusionvae.training.optim import OptimSettings, ScheduledAdamax, build_optimizer, warmup_cosine
 
 LR, LR_MIN = 1e-2, 1e-4
 
@@ -42,29 +42,59 @@ def _param() -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.zeros(3))
 
 
-def _lrs(sched, opt, n: int) -> list[float]:
+def _lrs(opt, n: int) -> list[float]:
+    p = opt.param_groups[0]["params"][0]
     out = []
     for _ in range(n):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+        p.grad = torch.ones_like(p)
+        opt.step(ok=torch.tensor(True))
+        out.append(float(opt.last_lr))
     return out
 
 
-def test_build_optimizer_returns_foreach_adamax_with_the_settings_and_a_per_step_schedule():
+def test_build_optimizer_returns_adamax_with_the_settings_and_a_per_step_schedule():
     settings = OptimSettings(lr=2e-2, lr_min=1e-3, eps=1e-3, weight_decay=3e-4, warmup_epochs=2)
     p = _param()
-    result = build_optimizer([p], settings, total_steps=100, epochs=4)
-    opt, sched = result["optimizer"], result["lr_scheduler"]["scheduler"]
-    assert result == {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-    assert isinstance(opt, torch.optim.Adamax) and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    opt = build_optimizer([p], settings, total_steps=100, epochs=4)
+    assert isinstance(opt, ScheduledAdamax) and isinstance(opt, torch.optim.Adamax)
     group = opt.param_groups[0]
-    assert group["params"] == [p] and group["foreach"] is True
-    assert (group["eps"], group["weight_decay"], group["initial_lr"]) == (1e-3, 3e-4, 2e-2)
+    assert group["params"] == [p] and (group["lr"], group["eps"], group["weight_decay"]) == (2e-2, 1e-3, 3e-4)
     # 2 of 4 epochs of 100 steps: a 50-step warm-up, then the cosine over the other 50
-    lrs = _lrs(sched, opt, 100)
+    lrs = _lrs(opt, 100)
     assert lrs[0] == pytest.approx(2e-2 / 50, rel=1e-12) and lrs[49] == pytest.approx(2e-2, rel=1e-12)
     assert lrs[75] == pytest.approx(1e-3 + 0.5 * (2e-2 - 1e-3) * (1 + math.cos(math.pi / 2)), rel=1e-12)
+
+
+def test_updates_are_torch_adamax_and_a_masked_step_changes_nothing():
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.zeros(64))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    settings = OptimSettings(lr=1e-2, lr_min=1e-2, eps=1e-3, weight_decay=3e-4, warmup_epochs=0)
+    opt = build_optimizer([ours], settings, total_steps=10, epochs=1)  # a constant rate: torch's own schedule
+    reference = torch.optim.Adamax([theirs], lr=1e-2, eps=1e-3, weight_decay=3e-4, foreach=True)
+    for i in range(6):
+        grad = torch.randn(64)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        if i == 3:  # a skipped step with NaN gradients: everything stays, the schedule too
+            ours.grad.fill_(float("nan"))
+            before = [ours.detach().clone()] + [v.clone() for v in opt.state[ours].values()]
+            opt.step(ok=torch.tensor(False))
+            after = [ours.detach()] + list(opt.state[ours].values())
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            ours.grad = grad.clone()
+        opt.step(ok=torch.tensor(True))
+        reference.step()
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert int(opt.steps_done()) == 6 and set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_inf"}
+
+
+def test_a_loaded_step_count_moves_to_the_parameters_device():
+    opt = build_optimizer([_param()], OptimSettings(), total_steps=10, epochs=1)
+    state = opt.state_dict()
+    state["state"] = {0: {"step": torch.tensor(4.0), "exp_avg": torch.zeros(3), "exp_inf": torch.zeros(3)}}
+    opt.load_state_dict(state)  # a checkpoint of torch's Adamax (a CPU step count)
+    assert opt.steps_done().dtype == torch.float32 and int(opt.steps_done()) == 4
 
 
 def test_build_optimizer_eps_and_weight_decay_change_the_update():
@@ -73,8 +103,8 @@ def test_build_optimizer_eps_and_weight_decay_change_the_update():
     with torch.no_grad():
         p.fill_(1.0)
     opt = build_optimizer(
-        [p], OptimSettings(lr=0.1, eps=1.0, weight_decay=0.5, warmup_epochs=0), total_steps=10, epochs=1
-    )["optimizer"]
+        [p], OptimSettings(lr=0.1, lr_min=0.1, eps=1.0, weight_decay=0.5, warmup_epochs=0), total_steps=10, epochs=1
+    )
     p.grad = torch.full_like(p, 1e-3)
     opt.step()
     g = 1e-3 + 0.5  # gradient with weight decay
@@ -95,8 +125,8 @@ def test_build_optimizer_eps_and_weight_decay_change_the_update():
 )
 def test_build_optimizer_warmup_length(warmup_epochs, total_steps, epochs, first_lr):
     settings = OptimSettings(lr=LR, lr_min=LR_MIN, warmup_epochs=warmup_epochs)
-    result = build_optimizer([_param()], settings, total_steps=total_steps, epochs=epochs)
-    assert result["optimizer"].param_groups[0]["lr"] == pytest.approx(first_lr, rel=1e-12)
+    opt = build_optimizer([_param()], settings, total_steps=total_steps, epochs=epochs)
+    assert _lrs(opt, 1)[0] == pytest.approx(first_lr, rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from fusionvae.model.layers import WNConv2d
 from fusionvae.model.objective import balanced_kl, kl_balance_alpha, kl_warmup
-from fusionvae.model.regularizers import SpectralPenalty, batchnorm_penalty, power_iteration
+from fusionvae.model.regularizers import BatchNormPenalty, SpectralPenalty, power_iteration
 from fusionvae.training.optim import warmup_cosine
 
 
@@ -51,7 +51,7 @@ def test_batchnorm_penalty_is_linf_of_gammas():
     model = TwoConvs()
     with torch.no_grad():
         model.bn.weight.copy_(torch.tensor([0.5, -3.0, 1.0, 2.0]))
-    assert batchnorm_penalty(model).item() == 3.0
+    assert BatchNormPenalty(model)().item() == 3.0
 
 
 def test_kl_warmup_schedule():

@@ -4,8 +4,11 @@ Counters and flags that must live in buffers (checkpoints, exact resume, a skipp
 restore) are needed in Python every step (seeds, loop counts). Reading one (``int(t)``, ``bool(t)``)
 is a host sync that stalls a GPU. A tensor's ``_version`` counts its in-place changes (a state-dict
 load included) and its ``data_ptr`` changes with a device move or a new tensor: while both are what
-the copy saw, the copy is still right. A write that bypasses the tensor object (a skipped step's
-restore through the flat buffer behind it, ``fusionvae.training.step``) must call ``forget``."""
+the copy saw, the copy is still right. A write that bypasses the tensor object is not seen: the
+step engine puts buffers back through the flat buffer behind them after every step
+(``fusionvae.training.step``, a no-op unless the step is skipped). So a value a step changes must
+not be ``set`` but ``forget``-ed: it is read again at the next ``get``, after the step has been
+kept or undone."""
 
 from __future__ import annotations
 

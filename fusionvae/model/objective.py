@@ -92,10 +92,11 @@ def to_units(nats: torch.Tensor, image_shape: torch.Size, crop: int, bits_per_di
     return nats / (c * (h - 2 * crop) * (w - 2 * crop) * math.log(2))
 
 
-def kl_warmup(step: int, total_steps: int, warmup_portion: float = 0.3, min_beta: float = 1e-4) -> float:
-    """beta rises linearly from ``min_beta`` to 1 over the first ``warmup_portion`` of training."""
+def kl_warmup(step, total_steps: int, warmup_portion: float = 0.3, min_beta: float = 1e-4) -> torch.Tensor:
+    """beta rises linearly from ``min_beta`` to 1 over the first ``warmup_portion`` of training;
+    ``step`` is a number or the optimiser's step count on the device (float64 tensor ops: no host read)."""
     warm = max(1, int(warmup_portion * total_steps))
-    return max(min(step / warm, 1.0), min_beta)
+    return (torch.as_tensor(step, dtype=torch.float64) / warm).clamp(max=1.0).clamp(min=min_beta)
 
 
 def kl_balance_alpha(groups_decoder_order: list[int]) -> torch.Tensor:
@@ -104,22 +105,22 @@ def kl_balance_alpha(groups_decoder_order: list[int]) -> torch.Tensor:
     return alpha / alpha.min()
 
 
-def balanced_kl(
-    kl: torch.Tensor, alpha: torch.Tensor, beta: float, balance: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_kl(kl: torch.Tensor, alpha: torch.Tensor, beta, balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``beta *`` KL summed over groups ``[B, L] -> [B]``. While beta < 1 (and ``balance``), groups
     are reweighted by gamma_l ~ mean_batch|KL_l| / alpha_l (detached, mean 1) so that no group
-    collapses early. Returns the weighted KL and the gammas."""
-    if not balance or beta >= 1.0:
+    collapses early; from beta = 1 on gamma is 1 (chosen by ``torch.where``: ``beta`` may be a
+    device tensor, and a Python branch on it would be a host read). Returns the weighted KL and
+    the gammas."""
+    if not balance:
         return beta * kl.sum(dim=1), torch.ones_like(alpha)
     per_group = kl.detach().abs().mean(dim=0) + 0.01
     gamma = per_group / alpha * per_group.sum()
-    gamma = gamma / gamma.mean()
+    gamma = torch.where(torch.as_tensor(beta, device=kl.device) < 1.0, gamma / gamma.mean(), 1.0)
     return beta * (kl * gamma).sum(dim=1), gamma
 
 
 def training_loss(
-    terms: Terms, alpha: torch.Tensor, beta: float, settings: LossSettings, regulariser: torch.Tensor
+    terms: Terms, alpha: torch.Tensor, beta, settings: LossSettings, regulariser: torch.Tensor
 ) -> torch.Tensor:
     """The scalar minimised in training: mean(NLL + beta-weighted balanced KL) + lambda * reg."""
     kl_weighted, _ = balanced_kl(terms.kl, alpha, beta, settings.kl_balance)

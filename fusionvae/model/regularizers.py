@@ -56,7 +56,8 @@ class SpectralPenalty(nn.Module):
                 conv.given_weight = conv.given_group = None
 
     def forward(self) -> torch.Tensor:
-        steps = self.steps if self._initialised.get(self.initialised) else self.init_steps
+        first = not self._initialised.get(self.initialised)
+        steps = self.init_steps if first else self.steps
         total = 0.0
         for i, convs in enumerate(self.groups):
             w = self._weights(convs).float()
@@ -67,18 +68,32 @@ class SpectralPenalty(nn.Module):
                     getattr(self, f"u{i}").copy_(u)
                     getattr(self, f"v{i}").copy_(v)
             total = total + torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).sum()  # sum_g u_g^T w_g v_g
-        if self.training:
+        if self.training and first:
             self.initialised.fill_(True)
-            self._initialised.set(self.initialised, True)
+            # a skipped step puts the flag back (fusionvae.training.step): read it again next step
+            # (a host read in the first steps only; later steps leave the flag as it is)
+            self._initialised.forget()
         return total
 
 
-def batchnorm_penalty(model: nn.Module) -> torch.Tensor:
+class BatchNormPenalty(nn.Module):
     """Sum over BN layers of max |gamma|, in a few ops for all layers: their gammas side by side,
     one segmented max, one sum (a max per layer was two ops each, and its CPU backward read a
-    device value into Python twice per layer)."""
-    gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
-    if not gammas:
-        return torch.zeros(())
-    lengths = torch.tensor([g.numel() for g in gammas], device=gammas[0].device)
-    return torch.segment_reduce(torch.cat(gammas).abs(), "max", lengths=lengths, unsafe=True).sum()
+    device value into Python twice per layer). The segment lengths are a buffer, made once: a
+    tensor made from a Python list each step would be a blocking host-to-device copy on a GPU."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = [model]  # a list, not a submodule: the gammas belong to the model
+        lengths = [g.numel() for g in self._gammas()]
+        self.register_buffer("lengths", torch.tensor(lengths, dtype=torch.long), persistent=False)
+
+    def _gammas(self) -> list[torch.Tensor]:
+        bns = (m for m in self.model[0].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return [m.weight for m in bns if m.affine]
+
+    def forward(self) -> torch.Tensor:
+        gammas = self._gammas()
+        if not gammas:
+            return torch.zeros((), device=self.lengths.device)
+        return torch.segment_reduce(torch.cat(gammas).abs(), "max", lengths=self.lengths, unsafe=True).sum()

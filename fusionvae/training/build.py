@@ -10,7 +10,6 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from fusionvae.training.run_name import run_name
@@ -66,8 +65,6 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     model = instantiate(cfg.model) if "model" in cfg else None
     loggers = build_list(cfg.get("logger"), wandb_identity(cfg, wandb_id))
     callbacks = build_list(cfg.get("callbacks"))
-    if not loggers:  # it only logs, and Lightning refuses it without a logger (logger=none)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("precision", "auto"))
     # Lightning refuses gradient_clip_val under manual optimisation: the module's step clips instead
     clip = cfg.trainer.get("gradient_clip_val")

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules.training_order import mix
 from fusionvae.model.host_copy import HostCopy
@@ -27,7 +30,7 @@ from fusionvae.model.objective import (
     to_units,
     training_loss,
 )
-from fusionvae.model.regularizers import SpectralPenalty, batchnorm_penalty
+from fusionvae.model.regularizers import BatchNormPenalty, SpectralPenalty
 from fusionvae.training.compile import compile_network
 from fusionvae.training.optim import OptimSettings, build_optimizer
 from fusionvae.training.step import SkipSafeStep, StepContext
@@ -81,6 +84,7 @@ class FusionVAEModule(L.LightningModule):
         self.loss_settings = LossSettings.from_dict(loss)
         self.net = FusionVAE(config)
         self.spectral = SpectralPenalty(self.net, self.loss_settings.power_iter_init, self.loss_settings.power_iter)
+        self.bn_penalty = BatchNormPenalty(self.net)
         self.register_buffer("kl_alpha", kl_balance_alpha(self.net.groups_decoder_order), persistent=False)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
@@ -97,9 +101,15 @@ class FusionVAEModule(L.LightningModule):
 
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:
-        """K ~ U{0..k_max}, identical on all DDP ranks and reproducible from (seed, batch count)."""
-        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.batches_done())
-        return int(torch.randint(0, self.hparams.k_max + 1, (1,), generator=g))
+        """K ~ U{0..k_max}, identical on all DDP ranks and reproducible from (seed, batch count).
+
+        It is ``torch.randint(0, k_max + 1, generator=torch.Generator().manual_seed(s))``, the draw
+        of earlier versions, computed without a tensor: the first 32-bit output of the Mersenne
+        Twister that ``manual_seed(s)`` seeds (numpy's legacy seeding is the same), modulo
+        ``k_max + 1``. Reading a tensor's value into Python is a host sync, even on the CPU."""
+        seed = (self.hparams.seed * 1_000_003 + self.batches_done()) & 0xFFFF_FFFF
+        first = int(np.random.RandomState(seed).randint(0, 2**32, dtype=np.uint32))
+        return first % (self.hparams.k_max + 1)
 
     def batches_done(self) -> int:
         """Training batches begun so far (the ``train_batches`` buffer, without a device read per step)."""
@@ -117,13 +127,13 @@ class FusionVAEModule(L.LightningModule):
     # ---- training -----------------------------------------------------------------------------
     def regulariser(self) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=False):
-            return self.spectral() + batchnorm_penalty(self.net)
+            return self.spectral() + self.bn_penalty()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         """One batch. Its randomness (K, posterior noise) is a function of (seed, batch count,
         rank), so a resumed run repeats it. A step with a non-finite loss or gradient is skipped
         (see ``_optimise``)."""
-        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt = self.optimizers()
         k = self.draw_k()
         done = self.batches_done()
         torch.manual_seed(mix(self.hparams.seed, done, self.global_rank))
@@ -133,15 +143,18 @@ class FusionVAEModule(L.LightningModule):
         self.spectral.start_step()
         terms = self.terms(batch, k)
         settings = self.loss_settings
+        steps_done = opt.optimizer.steps_done()  # successful steps: skipped ones do not advance the warm-up
         beta = kl_warmup(
-            self.global_step, self.trainer.estimated_stepping_batches, settings.kl_warmup_portion, settings.kl_min_beta
+            steps_done, self.trainer.estimated_stepping_batches, settings.kl_warmup_portion, settings.kl_min_beta
         )
         reg = self.regulariser()
         loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
-        grad_norm = self.step_engine.finish(loss, opt, sched, self._step_context())
-        self._log_training(terms, loss, reg, beta, grad_norm, k)
+        grad_norm = self.step_engine.finish(loss, opt, self._step_context())
+        self._log_training(terms, loss, reg, beta, grad_norm, k, opt.optimizer.last_lr)
+        if self.trainer._logger_connector.should_update_logs:  # the host reads values at logging steps only
+            self._check_skips()
 
-    def _log_training(self, terms: Terms, loss, reg, beta: float, grad_norm, k: int) -> None:
+    def _log_training(self, terms: Terms, loss, reg, beta, grad_norm, k: int, lr) -> None:
         nelbo = self.units(terms.nelbo, terms.target).mean().detach()
         self.log_dict(
             {
@@ -151,6 +164,7 @@ class FusionVAEModule(L.LightningModule):
                 "train/recon": terms.nll.mean().detach(),
                 "train/reg": reg.detach(),
                 "train/beta": beta,
+                "train/lr": lr,
                 "train/grad_norm": grad_norm,
                 "train/k": float(k),
                 "train/skipped_steps": self.skipped_steps.float(),
@@ -162,18 +176,34 @@ class FusionVAEModule(L.LightningModule):
         )
         self.log("nelbo", nelbo, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
-    def _all_ranks(self, ok: torch.Tensor) -> bool:
-        return self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True)
+    def _all_ranks(self, ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` and every other rank's, on the device (Lightning's reduce_boolean_decision reads
+        it into Python, and its reduce adds a barrier: both wait for the GPU)."""
+        if self.trainer.world_size == 1 or not dist.is_initialized():
+            return ok
+        flag = ok.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.bool()
+
+    def _check_skips(self) -> None:
+        self.step_engine.check_skips(*self._where())
+
+    def _where(self) -> tuple[int, str | None]:
+        return self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None)
 
     def _step_context(self) -> StepContext:
         return StepContext(
             backward=self.manual_backward,
             all_ranks=self._all_ranks,
             scaler=getattr(self.trainer.precision_plugin, "scaler", None),
-            where=lambda: (self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None)),
         )
 
+    def on_train_end(self) -> None:
+        self._check_skips()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._check_skips()  # no checkpoint of a run past the skip limit
         wandb_ids = [
             lg.version for lg in (self._trainer.loggers if self._trainer else []) if isinstance(lg, WandbLogger)
         ]
