@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from fusionvae.model.host_copy import HostCopy
+from fusionvae.model.layers import WNConv2d
 from fusionvae.model.regularizers import SpectralPenalty
 from fusionvae.training.flat import flat_buffers
 
@@ -35,7 +36,7 @@ def test_the_power_iteration_flag_is_read_again_after_the_step_that_set_it_and_t
     tensors do not see; so the flag the first step sets is read again at the next step (the step
     may have been skipped), and from then on it is not read at all."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    net = nn.Sequential(WNConv2d(1, 2, 3), nn.BatchNorm2d(2))
     pen = SpectralPenalty(net, init_steps=3, steps=1)
     flat_buffers(list(pen.buffers()))  # as the step engine keeps them
     counts = []
@@ -48,7 +49,7 @@ def test_the_power_iteration_flag_is_read_again_after_the_step_that_set_it_and_t
 
 def test_a_skipped_first_step_runs_the_initial_iterations_again():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    net = nn.Sequential(WNConv2d(1, 2, 3), nn.BatchNorm2d(2))
     pen = SpectralPenalty(net, init_steps=3, steps=1)
     flag = flat_buffers([pen.initialised])[0]
     saved = flag.clone()

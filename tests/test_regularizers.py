@@ -106,3 +106,51 @@ def test_the_forward_pass_normalises_all_weights_together_and_the_regulariser_re
     penalty = SpectralPenalty(net)
     penalty.start_step()
     assert all(c.given_weight is None and c.given_group is None for c in convs)
+
+
+def test_rows_are_normalised_together_as_f_normalize_would_each_back_to_back_or_not():
+    from fusionvae.model.regularizers import _normalise_rows, _span
+
+    torch.manual_seed(0)
+    parts = [torch.randn(3, 4), torch.randn(2, 5), torch.zeros(1, 2)]  # a zero row: divided by eps
+    x = torch.cat([p.reshape(-1) for p in parts])
+    rows = torch.tensor([4, 4, 4, 5, 5, 2])
+    expected = [torch.nn.functional.normalize(p, dim=1, eps=1e-3) for p in parts]
+    apart = [torch.empty_like(p) for p in parts]
+    _normalise_rows(x, rows, apart)
+    backing = torch.empty(x.numel())
+    together = [backing[:12].view(3, 4), backing[12:22].view(2, 5), backing[22:].view(1, 2)]
+    assert _span(apart) is None and _span(together).data_ptr() == backing.data_ptr()
+    _normalise_rows(x, rows, together)
+    for got in (apart, together):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_one_training_step_of_the_penalty_is_one_power_iteration_and_u_w_v():
+    """The per-shape formula the batched one replaced: v = n(W^T u), u = n(W v), penalty u^T W v."""
+    torch.manual_seed(0)
+    model = TwoConvs()
+    pen = SpectralPenalty(model, init_steps=1, steps=1)
+    u0 = [pen.u0.clone(), pen.u1.clone()]
+    value = pen()
+    n = torch.nn.functional.normalize
+    expected = 0.0
+    for i, convs in enumerate(pen.groups):
+        w = torch.stack([c.normalized_weight().flatten(1) for c in convs])
+        v = n(torch.bmm(u0[i].unsqueeze(1), w).squeeze(1), dim=1, eps=1e-3)
+        u = n(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)
+        torch.testing.assert_close(getattr(pen, f"u{i}"), u)
+        torch.testing.assert_close(getattr(pen, f"v{i}"), v)
+        expected = expected + torch.einsum("gm,gmn,gn->", u, w, v)
+    torch.testing.assert_close(value, expected)
+    assert [k for k in pen.state_dict() if k[0] in "uv"] == ["u0", "u1", "v0", "v1"]  # no row-length keys
+
+
+def test_the_step_engine_keeps_the_vectors_back_to_back():
+    from fusionvae.model.regularizers import _span
+    from fusionvae.training.flat import flat_buffers
+
+    pen = SpectralPenalty(TwoConvs())
+    flat_buffers(list(pen.buffers()))  # as SkipSafeStep.begin keeps a module's buffers
+    assert _span(pen._vectors("u")) is not None and _span(pen._vectors("v")) is not None
