@@ -132,7 +132,8 @@ class FusionVAEModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         """One batch. Its randomness (K, posterior noise) is a function of (seed, batch count,
         rank), so a resumed run repeats it. A step with a non-finite loss or gradient is skipped
-        (see ``_optimise``)."""
+        (``fusionvae.training.step``), decided on the device; the host reads the run of skips at
+        logging steps only."""
         opt = self.optimizers()
         k = self.draw_k()
         done = self.batches_done()
@@ -151,7 +152,7 @@ class FusionVAEModule(L.LightningModule):
         loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
         grad_norm = self.step_engine.finish(loss, opt, self._step_context())
         self._log_training(terms, loss, reg, beta, grad_norm, k, opt.optimizer.last_lr)
-        if self.trainer._logger_connector.should_update_logs:  # the host reads values at logging steps only
+        if self.trainer._logger_connector.should_update_logs:  # logging steps read device values anyway
             self._check_skips()
 
     def _log_training(self, terms: Terms, loss, reg, beta, grad_norm, k: int, lr) -> None:
@@ -186,10 +187,7 @@ class FusionVAEModule(L.LightningModule):
         return flag.bool()
 
     def _check_skips(self) -> None:
-        self.step_engine.check_skips(*self._where())
-
-    def _where(self) -> tuple[int, str | None]:
-        return self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        self.step_engine.check_skips(self.global_step, getattr(self.trainer.checkpoint_callback, "dirpath", None))
 
     def _step_context(self) -> StepContext:
         return StepContext(

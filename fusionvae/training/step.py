@@ -7,7 +7,7 @@
   step count that drives the LR schedule and the KL warm-up keep their values; every buffer the
   forward pass changed (BN running statistics, power-iteration vectors) is put back from the copy
   ``begin`` made, masked the same way. The decision stays on the device: no Python branch on a
-  device value, so a GPU never waits and the step can be captured in a CUDA graph. Lightning's
+  device value, so a GPU never waits for the host (also what a CUDA-graph capture needs). Lightning's
   ``global_step`` counts batches, skipped ones included; ``skipped_steps`` counts the skips.
 - Too many skips in a row stop the run (``TooManySkippedSteps``). The run of skips is counted on
   the device and read by ``check_skips``, which the module calls at logging steps and before a
