@@ -54,7 +54,11 @@ def weight_norm_groups(module: nn.Module) -> list[list[WNConv2d]]:
 
 
 def _channels_last(w: torch.Tensor) -> bool:
-    return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    """Whether ``w [out, in, kh, kw]`` has channels_last strides, judged by the strides themselves:
+    depthwise ([out, 1, k, k]) and 1x1 weights are contiguous in both layouts, but the conv kernels
+    (and inductor's layout choice in backward) follow their strides."""
+    _, c, _, kw = w.shape
+    return w.stride()[1:] == (1, kw * c, c)
 
 
 def _normalise_group(convs: list[WNConv2d]) -> tuple[torch.Tensor, bool]:
