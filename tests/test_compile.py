@@ -1,9 +1,10 @@
-"""``model.compile=true``: the compiled network trains through the Hydra configs and gives the eager
-values; one graph per K; sampling stays eager; unsupported settings are refused in one line.
+"""``model.compile=true``: the network's cells are compiled one kind at a time and share graphs
+across instances; compiled training gives the eager values; sampling stays eager; unsupported
+settings are refused in one line.
 
-Inductor needs minutes per graph on a 2-core CPU (the tiny model's first training graph: ~165 s),
-so the end-to-end test uses the ``aot_eager`` backend (the same Dynamo / AOTAutograd graphs, run by
-eager kernels) through ``FUSIONVAE_COMPILE_BACKEND``; tests/test_gpu.py compiles with inductor.
+Inductor needs minutes per graph on a 2-core CPU, so these tests use the ``aot_eager`` backend
+(the same Dynamo / AOTAutograd graphs, run by eager kernels), through ``FUSIONVAE_COMPILE_BACKEND``
+or a counting backend; tests/test_gpu.py compiles with inductor.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from fusionvae.model.layers import WNConv2d
+from fusionvae.model.regularizers import SpectralPenalty
 from fusionvae.training.build import build
-from fusionvae.training.compile import compile_network, is_compiled
+from fusionvae.training.compile import compile_network, compiled_regions, is_compiled
 from tests.conftest import TINY, compose_cfg
 from tests.test_network import data, tiny
 
@@ -34,23 +36,63 @@ def counting_backend(graphs: list):
     return backend
 
 
-def test_one_graph_per_k_and_sampling_stays_eager():
+def cell_kinds(views: torch.Tensor, target: torch.Tensor) -> set:
+    """What a cell's graph depends on, for every cell the eager tiny network runs on ``views``:
+    its input shape and its parameters' names and shapes (which also tell its layers apart)."""
+    kinds = set()
+
+    def record(cell, args):
+        kinds.add((tuple(args[0].shape), tuple((n, tuple(p.shape)) for n, p in cell.named_parameters())))
+
+    net = tiny()
+    for cell in compiled_regions(net):
+        cell.register_forward_pre_hook(record)
+    net(views, target)
+    return kinds
+
+
+def test_cells_of_one_kind_share_a_graph():
+    """9 cells, 7 kinds (two encoder cells and two decoder cells repeat): a graph per kind and
+    input shape, none per step (the normalised weights are graph inputs, not constants), and a
+    new K recompiles only the encoder cells, whose batch is B x (K + 1) slots."""
     graphs = []
     net = compile_network(tiny(), "default", "cpu", k_max=3, backend=counting_backend(graphs))
-    keys = set(tiny().state_dict())
     views, target = data(4, 3)
-    for k in (3, 3, 0, 3):
-        net(views[:, :k], target)
-    assert len(graphs) == 2  # K = 3 and K = 0, static shapes
-    net(views, t=0.5)
-    net(views, target, repeats=2)  # importance sampling: eager
-    assert len(graphs) == 2
-    net.eval()
-    net(views, target)  # eval mode: its own graph
-    assert len(graphs) == 3
-    assert set(net.state_dict()) == keys  # checkpoints load into compiled and eager modules alike
-    assert compile_network(net, "default", "cpu") is net and is_compiled(net)
-    assert torch._dynamo.config.cache_size_limit >= 16  # 4 per K for K = 0..3
+    net(views, target)
+    assert len(graphs) == len(cell_kinds(views, target)) == 7 < len(compiled_regions(net)) == 9
+    net(views, target)
+    assert len(graphs) == 7
+    net(views[:, :0], target)
+    assert len(graphs) == len(cell_kinds(views, target) | cell_kinds(views[:, :0], target)) == 11
+
+
+def training_step(net) -> list[torch.Tensor]:
+    """Loss (with the spectral penalty), gradients and BatchNorm statistics of one step."""
+    torch.manual_seed(0)
+    views, target = data(4, 3)
+    out = net(views, target)
+    loss = -out.likelihood.log_prob(target).sum() + out.kl.sum() + SpectralPenalty(net)()
+    loss.backward()
+    return [loss] + [p.grad for p in net.parameters()] + [b.float() for b in net.buffers()]
+
+
+def unnormalised(*args):
+    raise AssertionError("a conv normalised its own weight")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_step_equals_eager_and_the_regulariser_reuses_its_weights(monkeypatch, checkpointing):
+    """Compiled cells take the weights the network normalised (eagerly, all at once) for this
+    forward pass, and the spectral regulariser reuses them: no conv normalises its own weight.
+    With activation checkpointing the recompute in backward calls the compiled cells again
+    (BatchNorm momentum 0: a second graph per kind). The values are the eager ones."""
+    monkeypatch.setattr(WNConv2d, "normalized_weight", unnormalised)
+    eager = training_step(tiny(activation_checkpointing=checkpointing))
+    graphs = counters["stats"]["unique_graphs"]
+    net = compile_network(tiny(activation_checkpointing=checkpointing), "default", "cpu", backend="aot_eager")
+    for a, b in zip(training_step(net), eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 7 * (2 if checkpointing else 1)
 
 
 def test_the_forward_weights_keep_the_parameters_strides():
@@ -62,6 +104,29 @@ def test_the_forward_weights_keep_the_parameters_strides():
     convs = [m for m in net.modules() if isinstance(m, WNConv2d)]
     assert any(c.weight.shape[1] == 1 for c in convs)  # a depthwise conv is among them
     assert all(c.given_weight.stride() == c.weight.stride() for c in convs)
+
+
+def test_sampling_stays_eager_and_eval_has_its_own_graphs():
+    graphs = []
+    net = compile_network(tiny(), "default", "cpu", k_max=3, backend=counting_backend(graphs))
+    keys = set(tiny().state_dict())
+    views, target = data(4, 3)
+    net(views, target)
+    compiled = len(graphs)
+    torch.manual_seed(1)
+    sample = net(views, t=0.5).likelihood.mean()
+    net(views, target, repeats=2)  # importance sampling
+    assert len(graphs) == compiled
+    eager = tiny()
+    eager(views, target)  # the same BatchNorm statistics as net's
+    torch.manual_seed(1)
+    torch.testing.assert_close(sample, eager(views, t=0.5).likelihood.mean())
+    net.eval()
+    net(views, target)  # eval mode: BatchNorm uses its running statistics, a graph of its own per kind
+    assert len(graphs) == 2 * compiled
+    assert set(net.state_dict()) == keys  # checkpoints load into compiled and eager modules alike
+    assert compile_network(net, "default", "cpu") is net and is_compiled(net)
+    assert torch._dynamo.config.cache_size_limit >= 9 * 8 * 4  # cells x graphs per K x (k_max + 1)
 
 
 @pytest.mark.parametrize(
@@ -76,13 +141,8 @@ def test_unsupported_modes_are_refused(kwargs, message):
         compile_network(tiny(), **kwargs)
 
 
-def test_activation_checkpointing_is_refused():
-    with pytest.raises(ValueError, match=r"model\.compile=true does not work with model\.activation_checkpointing"):
-        compile_network(tiny(activation_checkpointing=True), "default", "cpu")
-
-
 def fit(data_dir, out, *overrides):
-    """A fast-dev-run with K = 0..1 (k_max=1 keeps it to 3 graphs: training, validation K = 0 and 1)."""
+    """A fast-dev-run with K = 0..1: one training and one validation batch."""
     cfg = compose_cfg(
         "train",
         [*TINY, "debug=fdr", "dataset.k_max=1", f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *overrides],
@@ -94,13 +154,15 @@ def fit(data_dir, out, *overrides):
 
 def test_compiled_fast_dev_run_matches_eager(data_dir, tmp_path, monkeypatch):
     """One training and one validation batch (K = 0..1) through ``model.compile=true``: the same
-    training loss on the same fixed batch, and the same NELBOs, as the eager run (same seed, so the
-    same K, data and posterior noise)."""
+    training loss (with the spectral regulariser on the forward's weights) on the same fixed batch,
+    and the same NELBOs, as the eager run (same seed, so the same K, data and posterior noise)."""
     monkeypatch.setenv("FUSIONVAE_COMPILE_BACKEND", "aot_eager")
     eager_model, eager = fit(data_dir, tmp_path / "eager")
     graphs = counters["stats"]["unique_graphs"]
     model, compiled = fit(data_dir, tmp_path / "compiled", "model.compile=true")
-    assert counters["stats"]["unique_graphs"] - graphs == 3  # training (one K) + validation K = 0, 1
+    # training: the 7 kinds at one K; validation (eval mode, its batch size): 7 at K = 0 and the 4
+    # encoder cells again at K = 1
+    assert counters["stats"]["unique_graphs"] - graphs == 7 + 7 + 4
     assert is_compiled(model.net) and not is_compiled(eager_model.net)
     assert model.net._fusionvae_compiled == ("default", "aot_eager")
     for key in ["train/loss", "train/nelbo", "train/kl", "val/nelbo_k0", "val/nelbo_k1"]:

@@ -40,8 +40,8 @@ class WNConv2d(nn.Conv2d):
         return self.log_g.exp() * v / (norm + 1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        given = self.given_weight is not None and not torch.compiler.is_compiling()  # compiled: inductor fuses it
-        return self._conv_forward(x, self.given_weight if given else self.normalized_weight(), self.bias)
+        w = self.normalized_weight() if self.given_weight is None else self.given_weight
+        return self._conv_forward(x, w, self.bias)
 
 
 def weight_norm_groups(module: nn.Module) -> list[list[WNConv2d]]:

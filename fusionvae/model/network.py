@@ -177,8 +177,7 @@ class FusionVAE(nn.Module):
         prior p(z | x) at temperature ``t`` (t = 0: the means). ``repeats`` draws that many z per
         item from one encoder pass (outputs ordered item-major, ``[B * repeats, ...]``).
         """
-        if not torch.compiler.is_compiling():  # compiled, each conv normalises its own (fused by inductor)
-            normalise_together(self._wn_groups)  # all weights at once, a few ops per weight shape
+        normalise_together(self._wn_groups)  # all weights at once, a few ops per weight shape
         b, k = views.shape[:2]
         images = views if target is None else torch.cat([views, target.unsqueeze(1)], dim=1)
         slots = images.shape[1]

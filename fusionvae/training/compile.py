@@ -1,18 +1,24 @@
-"""``model.compile=true``: torch.compile of the network's loss path, in place.
+"""``model.compile=true``: regional torch.compile of the network, in place.
 
-``compile_network(net, mode, device_type)`` replaces ``net.forward`` by a forward that sends the
-calls with a target (the training and validation loss: one posterior draw per item) through
-``torch.compile`` and everything else (sampling from the prior for grids, evaluation and ``fuse``:
-a graph per K, temperature and repeat count would be compiled for a few calls each) through the
-eager forward. The parameters, buffers and ``state_dict`` keys are unchanged (checkpoints load
-either way) and a second call is a no-op.
+``compile_network(net, mode, device_type, k_max)`` compiles each residual cell of ``net``
+(``fusionvae.model.cells.Cell``, where most of the step's ops are) with ``nn.Module.compile``.
+Dynamo keeps the compiled code on ``Cell.forward`` and lifts a cell's parameters, buffers and
+this step's normalised weights (``WNConv2d.given_weight``) as graph inputs, so all cells of one
+kind and shape share one graph: the paper MNIST model's 19 cells need 10 graphs for one K, not a
+graph of the whole network (which took 34.5 min of inductor on a 2-core CPU before the first step).
+
+The network's own forward stays eager: the loop over latent groups, the latent draws, and the
+weight normalisation of all convs at once (``normalise_together``), whose stacks the spectral
+regulariser reuses, compiled or not. Calls without a target or with ``repeats`` (sampling for
+grids, evaluation, ``fuse``: a batch shape per repeat count, a few calls each) run all cells
+eagerly. The parameters, buffers and ``state_dict`` keys are unchanged (checkpoints load either
+way) and a second call is a no-op. With ``model.activation_checkpointing`` the recompute in
+backward calls the compiled cells again (BatchNorm momentum 0 there: a second graph per kind).
 
 ``mode``: ``default`` (inductor kernels) or ``reduce-overhead`` (inductor + CUDA graphs, CUDA
 only: on the CPU it is refused with a ``ValueError`` naming ``model.compile_mode``). The backend is
 inductor; the environment variable ``FUSIONVAE_COMPILE_BACKEND`` picks another (``aot_eager``: the
 same graphs without code generation, for debugging and the CPU tests, where inductor needs minutes).
-Activation checkpointing (``model.activation_checkpointing``) is refused: Dynamo cannot trace its
-BatchNorm-freezing context; the compiled graph's partitioner recomputes cheap ops by itself.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import os
 import torch
 import torch.nn as nn
 
+from fusionvae.model.cells import Cell
+
 COMPILE_MODES = ("default", "reduce-overhead")
-# One graph per K (the number of views is an input shape) and per mode (train / eval, a module
-# attribute Dynamo guards on) and batch shape: the training batch, the validation batch, and the
-# last, smaller batch of each epoch. dynamic=False keeps these as separate static graphs (no
-# symbolic shapes, best kernels), so K = 0..k_max needs 2 modes x 2 batch shapes x (k_max + 1)
-# entries; Dynamo's default limit (8) would fall back to eager after the first 8.
-GRAPHS_PER_K = 4
+# Static shapes (dynamic=False: the best kernels) give a cell kind one graph per input shape and
+# mode: the encoder's batch is B x (K + 1) slots, so one per K, times train / eval (a module
+# attribute Dynamo guards on), times the training and validation batch sizes, times 2 with
+# activation checkpointing (its recompute runs BatchNorm with momentum 0, a constant of the graph).
+GRAPHS_PER_K = 8
 
 
 def check_compile_mode(mode: str, device_type: str) -> None:
@@ -42,13 +49,19 @@ def check_compile_mode(mode: str, device_type: str) -> None:
         )
 
 
-def raise_recompile_limit(k_max: int) -> int:
-    """Let Dynamo keep ``GRAPHS_PER_K * (k_max + 1)`` graphs of one function; returns the limit."""
+def raise_recompile_limit(regions: int, k_max: int) -> int:
+    """Let Dynamo keep ``GRAPHS_PER_K * (k_max + 1)`` graphs per compiled region (all regions share
+    ``Cell.forward``'s cache); returns the limit. Past it, Dynamo would run the cells eagerly."""
     config = torch._dynamo.config
-    limit = max(config.cache_size_limit, GRAPHS_PER_K * (k_max + 1))
+    limit = max(config.cache_size_limit, regions * GRAPHS_PER_K * (k_max + 1))
     config.cache_size_limit = limit  # torch >= 2.7 also calls it recompile_limit (an alias)
-    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 2 * limit)
+    config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, limit)
     return limit
+
+
+def compiled_regions(net: nn.Module) -> list[nn.Module]:
+    """The modules ``compile_network`` compiles: every residual cell."""
+    return [m for m in net.modules() if isinstance(m, Cell)]
 
 
 def is_compiled(net: nn.Module) -> bool:
@@ -58,31 +71,29 @@ def is_compiled(net: nn.Module) -> bool:
 def compile_network(
     net: nn.Module, mode: str = "default", device_type: str = "cpu", k_max: int = 3, backend: str | None = None
 ) -> nn.Module:
-    """Compile ``net``'s loss path in place (see the module docstring) and return ``net``."""
+    """Compile ``net``'s cells in place (see the module docstring) and return ``net``."""
     check_compile_mode(mode, device_type)
     if is_compiled(net):
         return net
-    if getattr(net, "activation_checkpointing", False):
-        raise ValueError(
-            "model.compile=true does not work with model.activation_checkpointing=true (Dynamo cannot "
-            "trace its BatchNorm-freezing checkpoint): set one of them to false"
-        )
     backend = backend or os.environ.get("FUSIONVAE_COMPILE_BACKEND", "inductor")
-    raise_recompile_limit(k_max)
-    eager = net.forward
     inductor_mode = mode if backend == "inductor" and mode != "default" else None
-    compiled = torch.compile(eager, mode=inductor_mode, dynamic=False, backend=backend)
+    regions = compiled_regions(net)
+    raise_recompile_limit(len(regions), k_max)
+    for region in regions:  # in place: parameters, buffers and state_dict keys unchanged
+        region.compile(mode=inductor_mode, dynamic=False, backend=backend)
+    eager = net.forward
     cuda_graphs = inductor_mode == "reduce-overhead"
 
     @functools.wraps(eager)
     def forward(views, target=None, t: float = 1.0, repeats: int = 1):
         if target is None or repeats != 1:
-            return eager(views, target, t, repeats)
+            with torch.compiler.set_stance("force_eager"):
+                return eager(views, target, t, repeats)
         if cuda_graphs:
             # each call is one step: the outputs of the previous one (consumed by then) may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        return compiled(views, target, t, repeats)
+        return eager(views, target, t, repeats)
 
-    net.forward = forward  # an instance attribute: parameters, buffers and state_dict keys unchanged
+    net.forward = forward  # an instance attribute, as the cells' compiled calls
     net._fusionvae_compiled = (mode, backend)
     return net
