@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from fusionvae.model.layers import WNConv2d
 from fusionvae.model.regularizers import SpectralPenalty
 from fusionvae.training.build import build
-from fusionvae.training.compile import compile_network, compiled_regions, is_compiled
+from fusionvae.training.compile import compile_network, compiled_regions, inductor_options, is_compiled
 from tests.conftest import TINY, compose_cfg
 from tests.test_network import data, tiny
 
@@ -139,6 +139,13 @@ def test_sampling_stays_eager_and_eval_has_its_own_graphs():
 def test_unsupported_modes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         compile_network(tiny(), **kwargs)
+
+
+def test_inductor_settings():
+    """CUDA graphs for reduce-overhead; channels_last layouts also in backward graphs for a
+    channels_last network."""
+    assert inductor_options("reduce-overhead", True) == {"triton.cudagraphs": True, "force_layout_optimization": True}
+    assert inductor_options("default", False) == {"force_layout_optimization": False}
 
 
 def fit(data_dir, out, *overrides):
