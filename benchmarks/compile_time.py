@@ -33,8 +33,15 @@ def parse():
 
 def main() -> None:
     args, overrides = parse()
-    if not args.warm_cache:  # before torch is imported: inductor reads it for its caches
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusionvae_inductor_")
+    if args.warm_cache:
+        measure(args, overrides)
+        return
+    with tempfile.TemporaryDirectory(prefix="fusionvae_inductor_") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # before torch is imported: inductor reads it
+        measure(args, overrides)
+
+
+def measure(args, overrides: list[str]) -> None:
     import lightning as L
     from throughput import build
     from torch._dynamo.utils import counters
