@@ -69,8 +69,8 @@ class SpectralPenalty(nn.Module):
         return stacked_weights(convs)
 
     def start_step(self) -> None:
-        """Forget the weights of the previous forward pass (call before each training forward: a
-        compiled one gives none, and the regulariser must not see a validation pass's)."""
+        """Forget the weights of the previous forward pass (call before each training forward: the
+        regulariser must not see a validation pass's)."""
         for convs in self.groups:
             for conv in convs:
                 conv.given_weight = conv.given_group = None
