@@ -43,7 +43,7 @@ def main() -> None:
 
 def measure(args, overrides: list[str]) -> None:
     import lightning as L
-    from throughput import build
+    from throughput import build, training_only
     from torch._dynamo.utils import counters
 
     class StepClock(L.Callback):
@@ -55,19 +55,7 @@ def measure(args, overrides: list[str]) -> None:
 
     cfg, dm, model = build(overrides, args.k)
     clock = StepClock()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-        default_root_dir="/tmp/fusionvae_benchmark",
-    )
+    trainer = training_only(clock, args.steps)
     trainer.fit(model, datamodule=dm)
     steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
     result = dict(

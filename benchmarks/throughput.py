@@ -118,6 +118,25 @@ def build(overrides: list[str], k: int | None):
     return cfg, dm, model
 
 
+def training_only(callback: L.Callback, max_steps: int, accelerator: str = "cpu", precision: str = "32-true"):
+    """A trainer for ``max_steps`` training steps and nothing else (no validation, logger,
+    checkpoints or progress bar), with ``callback`` measuring them."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir="/tmp/fusionvae_benchmark",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -129,20 +148,8 @@ def main() -> None:
     cfg, dm, model = build(overrides, args.k)
     device = torch.device(args.device)
     meter = StepMeter(max(1, args.warmup), device)
-    trainer = L.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
-        max_steps=meter.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[meter],
-        default_root_dir="/tmp/fusionvae_benchmark",
-    )
+    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    trainer = training_only(meter, meter.warmup + args.steps, args.device, precision)
     trainer.fit(model, datamodule=dm)
     step = sorted(meter.times)[len(meter.times) // 2]  # median
     batch = cfg.dataset.batch_size
