@@ -11,7 +11,8 @@
 #        FusionMNIST, the paper's MNIST model, K=3, batch 64 and batch 800;
 #        FusionCelebA size (model/size=celeba, 64x64 RGB stand-ins), batch 32, K=0 and K=3;
 #      first eager, then the same runs with model.compile=true (inductor; the compile time falls
-#      in the warm-up steps, which are not timed)
+#      in the warm-up steps, which are not timed), and MNIST b64 with the whole step in CUDA graphs
+#      (model.compile_mode=reduce-overhead; not in the dry run)
 #   3. scripts/device_table.py: one markdown table of the results
 # Each stage has a time limit and the whole run a budget (DEVICE_CHECK_BUDGET_S: 290 s, dry run 900 s);
 # a stage that no longer fits is listed as skipped (raise the budget to run everything). Logs,
@@ -154,6 +155,8 @@ bench "MNIST b800" false 45 "${MNIST[@]}" dataset.batch_size=800
 bench "CelebA-size K=0" false 60 "${CELEBA[@]}" --k 0  # builds the stand-in LMDBs first
 bench "CelebA-size K=3" false 45 "${CELEBA[@]}" --k 3
 bench "MNIST b64" true 90 "${MNIST[@]}" dataset.batch_size=64
+# the whole training step in CUDA graphs (model.compile_mode=reduce-overhead; refused on the CPU)
+[ $DRY = 1 ] || bench "MNIST b64 step graph" true 90 "${MNIST[@]}" dataset.batch_size=64 model.compile_mode=reduce-overhead
 bench "CelebA-size K=3" true 120 "${CELEBA[@]}" --k 3
 bench "MNIST b800" true 90 "${MNIST[@]}" dataset.batch_size=800
 bench "CelebA-size K=0" true 120 "${CELEBA[@]}" --k 0

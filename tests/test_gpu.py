@@ -6,6 +6,7 @@ trainer (2 GPUs or more)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -124,6 +125,18 @@ def test_sync_batchnorm_under_the_ddp_trainer(data_dir, tmp_path):
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+@contextlib.contextmanager
+def never_waiting():
+    """CUDA's sync debug mode at "error": any operation that makes the host wait for the GPU (a
+    value read into Python, a blocking copy from the host) raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_a_training_step_on_the_gpu_never_waits_for_it():
     """CUDA's sync debug mode raises on every operation that makes the host wait for the GPU (a
     value read into Python, a blocking copy from the host): a training step has none, a skipped
@@ -137,11 +150,38 @@ def test_a_training_step_on_the_gpu_never_waits_for_it():
     good, bad = batch().cuda(), batch(nan=True).cuda()
     m.training_step(good, 0)  # the first steps read the power-iteration flag and the batch counter
     m.training_step(good, 1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with never_waiting():
         m.training_step(good, 2)
         m.training_step(bad, 3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert int(m.skipped_steps) == 1 and m.step_engine.consecutive_skips == 1
+
+
+def test_the_training_step_replayed_from_a_cuda_graph_matches_eager():
+    """model.compile_mode=reduce-overhead's step graphs (fusionvae.training.step_graph) against the
+    eager step, from the same weights on the same batches: two warm-up steps, the capture, then
+    replays, one of them with a NaN batch (skipped inside the graph). The replays wait for nothing."""
+    from fusionvae.training.step_graph import StepGraphs
+    from tests.test_lit_module_mutants import attach, batch, module, with_optimizer
+
+    runs = []
+    for graphed in (False, True):
+        m = module().cuda()
+        attach(m)
+        with_optimizer(m)
+        m._trainer._logger_connector.should_update_logs = False
+        m.draw_k = lambda: 2  # one key: every step after the warm-up is the graph's
+        if graphed:
+            m.step_graphs = StepGraphs(warmup=2)
+        losses = []
+        for i, b in enumerate([batch(), batch(), batch(), batch(), batch(nan=True), batch()]):
+            with never_waiting() if graphed and i >= 3 else contextlib.nullcontext():
+                m.training_step(b.cuda(), i)
+            losses.append(m.log_dict.calls[-1][0][0]["train/loss"])
+        runs.append((m, torch.stack(losses).cpu()))
+    (eager, eager_losses), (graph, graph_losses) = runs
+    assert len(graph.step_graphs.graphs) == 1 and int(graph.skipped_steps) == int(eager.skipped_steps) == 1
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(graph.step_engine.flat, eager.step_engine.flat, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_buffers(), graph.buffers()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
+    assert int(graph.optimizers().optimizer.steps_done()) == int(eager.optimizers().optimizer.steps_done()) == 5

@@ -15,8 +15,10 @@ eagerly. The parameters, buffers and ``state_dict`` keys are unchanged (checkpoi
 way) and a second call is a no-op. With ``model.activation_checkpointing`` the recompute in
 backward calls the compiled cells again (BatchNorm momentum 0 there: a second graph per kind).
 
-``mode``: ``default`` (inductor kernels) or ``reduce-overhead`` (inductor + CUDA graphs, CUDA
-only: on the CPU it is refused with a ``ValueError`` naming ``model.compile_mode``). The backend is
+``mode``: ``default`` (inductor kernels) or ``reduce-overhead``: the same cells, and the whole
+training step in a CUDA graph per K (``fusionvae.training.step_graph``; the module sets it up),
+CUDA only: on the CPU it is refused with a ``ValueError`` naming ``model.compile_mode``. The
+cells get no CUDA graphs of their own: they are inside the step's. The backend is
 inductor; the environment variable ``FUSIONVAE_COMPILE_BACKEND`` picks another (``aot_eager``: the
 same graphs without code generation, for debugging and the CPU tests, where inductor needs minutes).
 """
@@ -59,16 +61,14 @@ def raise_recompile_limit(regions: int, k_max: int) -> int:
     return limit
 
 
-def inductor_options(mode: str, channels_last: bool) -> dict:
-    """Inductor's settings for ``mode``; for a channels_last network also channels_last layouts in
-    the backward graphs. Inductor picks them only for graphs with a forward conv; otherwise it lays
-    out a conv backward's input in the weight gradient's stride order, which is ambiguous for a
-    depthwise weight [out, 1, k, k]: it chose [N, H, C, W], and the paper model's last
-    post-processing cell took 74 ms for forward and backward compiled, 63-71 ms eager on this CPU
-    (51 ms compiled with this setting)."""
-    from torch._inductor import list_mode_options  # not at import: inductor takes a while to load
-
-    return {**list_mode_options(mode), "force_layout_optimization": channels_last}
+def inductor_options(channels_last: bool) -> dict:
+    """Inductor's settings: for a channels_last network, channels_last layouts also in the backward
+    graphs. Inductor picks them only for graphs with a forward conv; otherwise it lays out a conv
+    backward's input in the weight gradient's stride order, which is ambiguous for a depthwise
+    weight [out, 1, k, k]: it chose [N, H, C, W], and the paper model's last post-processing cell
+    took 74 ms for forward and backward compiled, 63-71 ms eager on this CPU (51 ms compiled with
+    this setting)."""
+    return {"force_layout_optimization": channels_last}
 
 
 def compiled_regions(net: nn.Module) -> list[nn.Module]:
@@ -90,22 +90,18 @@ def compile_network(
     backend = backend or os.environ.get("FUSIONVAE_COMPILE_BACKEND", "inductor")
     settings = {}
     if backend == "inductor":
-        settings["options"] = inductor_options(mode, net.memory_format == torch.channels_last)
+        settings["options"] = inductor_options(net.memory_format == torch.channels_last)
     regions = compiled_regions(net)
     raise_recompile_limit(len(regions), k_max)
     for region in regions:  # in place: parameters, buffers and state_dict keys unchanged
         region.compile(dynamic=False, backend=backend, **settings)
     eager = net.forward
-    cuda_graphs = backend == "inductor" and mode == "reduce-overhead"
 
     @functools.wraps(eager)
     def forward(views, target=None, t: float = 1.0, repeats: int = 1):
         if target is None or repeats != 1:
             with torch.compiler.set_stance("force_eager"):
                 return eager(views, target, t, repeats)
-        if cuda_graphs:
-            # each call is one step: the outputs of the previous one (consumed by then) may be reused
-            torch.compiler.cudagraph_mark_step_begin()
         return eager(views, target, t, repeats)
 
     net.forward = forward  # an instance attribute, as the cells' compiled calls

@@ -7,6 +7,7 @@ non-finite steps in ``fusionvae.training.step``; this module wires them into Lig
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 
 import lightning as L
@@ -34,6 +35,7 @@ from fusionvae.model.regularizers import BatchNormPenalty, SpectralPenalty
 from fusionvae.training.compile import compile_network
 from fusionvae.training.optim import OptimSettings, build_optimizer
 from fusionvae.training.step import SkipSafeStep, StepContext
+from fusionvae.training.step_graph import StepGraphs, check_step_graphs
 
 
 class FusionVAEModule(L.LightningModule):
@@ -90,14 +92,19 @@ class FusionVAEModule(L.LightningModule):
         self.register_buffer("train_batches", torch.zeros((), dtype=torch.long))
         self._batches = HostCopy()
         self.step_engine = SkipSafeStep(self, self.loss_settings.max_consecutive_skips)
+        self.step_graphs: StepGraphs | None = None  # model.compile_mode=reduce-overhead (configure_model)
         self.automatic_optimization = False
 
     def configure_model(self) -> None:
-        """``model.compile``: torch.compile the network in place, once (``fusionvae.training.compile``)."""
+        """``model.compile``: torch.compile the network's cells in place, once
+        (``fusionvae.training.compile``); with ``model.compile_mode=reduce-overhead`` also the
+        training step's CUDA graphs (``fusionvae.training.step_graph``)."""
         if self.hparams.compile:
-            compile_network(
-                self.net, self.hparams.compile_mode, self.trainer.strategy.root_device.type, self.hparams.k_max
-            )
+            device_type = self.trainer.strategy.root_device.type
+            compile_network(self.net, self.hparams.compile_mode, device_type, self.hparams.k_max)
+            if self.hparams.compile_mode == "reduce-overhead" and self.step_graphs is None:
+                check_step_graphs(device_type, self.trainer.world_size, self._step_context().scaler)
+                self.step_graphs = StepGraphs()
 
     # ---- the objective on a batch -------------------------------------------------------------
     def draw_k(self) -> int:
@@ -131,17 +138,36 @@ class FusionVAEModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         """One batch. Its randomness (K, posterior noise) is a function of (seed, batch count,
-        rank), so a resumed run repeats it. A step with a non-finite loss or gradient is skipped
+        rank), so a resumed run repeats it. The host part (K, the seed, logging) is here; the
+        device part (``_device_step``) runs eagerly or, with ``model.compile_mode=reduce-overhead``,
+        from a CUDA graph per K. A step with a non-finite loss or gradient is skipped
         (``fusionvae.training.step``), decided on the device; the host reads the run of skips at
         logging steps only."""
         opt = self.optimizers()
         k = self.draw_k()
         done = self.batches_done()
         torch.manual_seed(mix(self.hparams.seed, done, self.global_rank))
-        self.train_batches += 1
-        self._batches.set(self.train_batches, done + 1)
-        self.step_engine.begin()
         self.spectral.start_step()
+        step = functools.partial(self._device_step, k=k, opt=opt)
+        if self.step_graphs is None:
+            logged = step(batch)
+        else:
+            logged, replayed = self.step_graphs.run((k, tuple(batch.shape)), batch, step)
+            if replayed:  # its update ran in the graph: Lightning counts the step and runs its hooks
+                opt.step(update=False)
+        self._batches.set(self.train_batches, done + 1)
+        self.log_dict(
+            {**logged, "train/k": float(k)}, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.shape[0]
+        )
+        self.log("nelbo", logged["train/nelbo"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        if self.trainer._logger_connector.should_update_logs:  # logging steps read device values anyway
+            self._check_skips()
+
+    def _device_step(self, batch: torch.Tensor, k: int, opt) -> dict[str, torch.Tensor]:
+        """Forward, backward and the optimiser step; the values to log. Device work only, on one
+        Python path per K and batch shape, so that it can be captured in a CUDA graph."""
+        self.train_batches += 1
+        self.step_engine.begin()
         terms = self.terms(batch, k)
         settings = self.loss_settings
         steps_done = opt.optimizer.steps_done()  # successful steps: skipped ones do not advance the warm-up
@@ -151,31 +177,17 @@ class FusionVAEModule(L.LightningModule):
         reg = self.regulariser()
         loss = training_loss(terms, self.kl_alpha, beta, settings, reg)
         grad_norm = self.step_engine.finish(loss, opt, self._step_context())
-        self._log_training(terms, loss, reg, beta, grad_norm, k, opt.optimizer.last_lr)
-        if self.trainer._logger_connector.should_update_logs:  # logging steps read device values anyway
-            self._check_skips()
-
-    def _log_training(self, terms: Terms, loss, reg, beta, grad_norm, k: int, lr) -> None:
-        nelbo = self.units(terms.nelbo, terms.target).mean().detach()
-        self.log_dict(
-            {
-                "train/loss": loss.detach(),
-                "train/nelbo": nelbo,
-                "train/kl": terms.kl.sum(1).mean().detach(),
-                "train/recon": terms.nll.mean().detach(),
-                "train/reg": reg.detach(),
-                "train/beta": beta,
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "train/k": float(k),
-                "train/skipped_steps": self.skipped_steps.float(),
-            },
-            prog_bar=False,
-            on_step=True,
-            on_epoch=False,
-            batch_size=terms.target.shape[0],
-        )
-        self.log("nelbo", nelbo, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return {
+            "train/loss": loss.detach(),
+            "train/nelbo": self.units(terms.nelbo, terms.target).mean().detach(),
+            "train/kl": terms.kl.sum(1).mean().detach(),
+            "train/recon": terms.nll.mean().detach(),
+            "train/reg": reg.detach(),
+            "train/beta": beta,
+            "train/lr": opt.optimizer.last_lr,
+            "train/grad_norm": grad_norm,
+            "train/skipped_steps": self.skipped_steps.float(),
+        }
 
     def _all_ranks(self, ok: torch.Tensor) -> torch.Tensor:
         """``ok`` and every other rank's, on the device (Lightning's reduce_boolean_decision reads

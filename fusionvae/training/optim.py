@@ -96,11 +96,15 @@ class ScheduledAdamax(torch.optim.Adamax):
         return self._state(self.param_groups[0]["params"][0])["step"]
 
     @torch.no_grad()
-    def step(self, closure=None, ok: torch.Tensor | None = None):
+    def step(self, closure=None, ok: torch.Tensor | None = None, update: bool = True):
+        """``update=False``: only the closure, for a step whose update already ran in a CUDA graph
+        (``fusionvae.training.step_graph``), so that Lightning still counts it."""
         loss = None
         if closure is not None:  # Lightning's closure runs its hooks
             with torch.enable_grad():
                 loss = closure()
+        if not update:
+            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

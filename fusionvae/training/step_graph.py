@@ -1,0 +1,94 @@
+"""``model.compile_mode=reduce-overhead``: the whole training step (forward, backward, gradient
+gather, the skip decision, the optimiser update and the buffers' restore) replayed from a CUDA
+graph, one graph per (K, batch shape).
+
+A step can be captured because it reads nothing back from the device (``fusionvae.training.step``):
+its Python path depends only on K and the batch shape, which key the graphs. What must happen on
+the host every step stays outside: K's draw, the seeds, the host copies of counters, logging, and
+Lightning's count of optimiser steps (``run`` says when the step was a replay, whose Python did not
+run: the module then lets Lightning count it without a second update).
+
+Each key's first ``warmup`` steps run eagerly on a side stream (cuDNN and the autograd engine
+settle there, as CUDA graphs need); the next one is captured and replayed, and every later step
+of that key is a replay: a copy of the batch into the graph's input and one launch. Graphs share
+one memory pool; their outputs are cloned right after a replay, so none is alive when another
+graph runs. The random draws follow the CUDA generator's seed at replay time, so the per-step
+``torch.manual_seed`` keeps a step's noise what eager training draws.
+
+CUDA only, one device, no fp16 GradScaler (its step reads the device): ``check_step_graphs``
+refuses the rest in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+Step = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def check_step_graphs(device_type: str, world_size: int, scaler: object | None) -> None:
+    if device_type != "cuda":
+        problem = f"needs a CUDA device, but this run is on '{device_type}'"
+    elif world_size > 1:
+        problem = f"runs on one device, but this run has {world_size} (DDP)"
+    elif scaler is not None:
+        problem = "does not work with fp16 loss scaling (trainer.precision=16-mixed): use bf16-mixed or 32-true"
+    else:
+        return
+    raise ValueError(
+        f"model.compile_mode=reduce-overhead (the training step in CUDA graphs) {problem}; "
+        "or use model.compile_mode=default"
+    )
+
+
+class StepGraphs:
+    def __init__(self, warmup: int = 3):
+        self.warmup = warmup
+        self.seen: Counter = Counter()
+        self.graphs: dict[tuple, tuple[torch.Tensor, Callable[[], None], dict[str, torch.Tensor]]] = {}
+        self.pool = None
+
+    def run(self, key: tuple, batch: torch.Tensor, step: Step) -> tuple[dict[str, torch.Tensor], bool]:
+        """``step(batch)``'s outputs, and whether this was a replay (``step``'s Python did not run)."""
+        entry = self.graphs.get(key)
+        if entry is not None:
+            static_batch, replay, outputs = entry
+            static_batch.copy_(batch)
+            replay()
+            return {name: t.clone() for name, t in outputs.items()}, True
+        self.seen[key] += 1
+        if self.seen[key] <= self.warmup:
+            return self._warm(step, batch), False
+        static_batch = batch.clone()
+        replay, outputs = self._capture(step, static_batch)
+        self.graphs[key] = (static_batch, replay, outputs)
+        replay()  # a capture records the step's kernels without running them
+        return {name: t.clone() for name, t in outputs.items()}, False
+
+    def _warm(self, step: Step, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = step(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    def _capture(self, step: Step, static_batch: torch.Tensor) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache():
+            outputs = step(static_batch)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay, outputs
+
+
+def _autocast_without_cache():
+    """The surrounding autocast (Lightning's bf16) without its cast cache, which a captured region
+    must not use: cached casts would be the capture's, not the replay's."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

@@ -1,0 +1,70 @@
+"""``StepGraphs``' bookkeeping on the CPU (warm-up, one capture per key, the batch copied into the
+graph's input, outputs cloned, which steps are replays), with the CUDA parts stood in for; the
+capture itself is tested on a GPU (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusionvae.training.optim import OptimSettings, build_optimizer
+from fusionvae.training.step_graph import StepGraphs, check_step_graphs
+
+
+class CpuStepGraphs(StepGraphs):
+    """A 'capture' that runs the step once to get its outputs, and a 'replay' that recomputes them
+    in place from the static input without running the step's Python (as a CUDA graph would)."""
+
+    def _warm(self, step, batch):
+        return step(batch)
+
+    def _capture(self, step, static_batch):
+        outputs = step(static_batch)
+        return (lambda: outputs["double"].copy_(static_batch * 2)), outputs
+
+
+def test_warm_up_then_one_capture_per_key_then_replays():
+    graphs = CpuStepGraphs(warmup=2)
+    runs = []
+
+    def step(batch):
+        runs.append(batch.shape)
+        return {"double": batch * 2}
+
+    replayed, values = [], []
+    for i in range(6):
+        batch = torch.full((3,), float(i))
+        out, was_replay = graphs.run((1, (3,)), batch, step)
+        replayed.append(was_replay)
+        values.append(out["double"])
+    assert replayed == [False, False, False, True, True, True]  # 2 warm-ups, the capture, replays
+    assert len(runs) == 3  # the step's Python ran for the warm-ups and the capture only
+    assert [float(v[0]) for v in values] == [0, 2, 4, 6, 8, 10]  # each replay saw its own batch
+    assert values[3] is not values[4] and values[3].data_ptr() != values[4].data_ptr()  # cloned
+    out, was_replay = graphs.run((2, (3,)), torch.ones(3), step)  # another K: its own warm-up
+    assert not was_replay and len(graphs.graphs) == 1 and len(runs) == 4
+
+
+@pytest.mark.parametrize(
+    "device, world, scaler, message",
+    [
+        ("cpu", 1, None, "needs a CUDA device, but this run is on 'cpu'"),
+        ("cuda", 2, None, "runs on one device, but this run has 2 \\(DDP\\)"),
+        ("cuda", 1, object(), "does not work with fp16 loss scaling"),
+    ],
+)
+def test_what_cannot_be_captured_is_refused_in_one_line(device, world, scaler, message):
+    with pytest.raises(ValueError, match=r"^model\.compile_mode=reduce-overhead \(the training step in CUDA graphs\) "):
+        check_step_graphs(device, world, scaler)
+    with pytest.raises(ValueError, match=message):
+        check_step_graphs(device, world, scaler)
+    check_step_graphs("cuda", 1, None)
+
+
+def test_a_replayed_step_is_counted_without_a_second_update():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([p], OptimSettings(), total_steps=10, epochs=1)
+    p.grad = torch.ones(3)
+    closures = []
+    opt.step(closure=lambda: closures.append(1), update=False)
+    assert closures == [1] and torch.equal(p.detach(), torch.ones(3)) and int(opt.steps_done()) == 0
