@@ -96,16 +96,18 @@ def test_ctrl_c_in_validation_saves_exits_130_and_says_so_in_train_log(data_dir,
 
 
 def test_a_signal_outside_the_training_loop_stops_at_once_without_a_checkpoint():
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(Preempted) as info, stop_outside_training():
-        os.kill(os.getpid(), signal.SIGINT)
-        # short sleeps: the handler runs between them even when the kernel hands the signal to
-        # another thread of this process (one long sleep of the main thread is then not interrupted)
-        for _ in range(100):
-            time.sleep(0.05)
+    # as in a terminal: a job started in the background by a non-interactive shell (nohup ... &)
+    # begins with SIGINT ignored, and stop_outside_training leaves an ignored SIGINT ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Preempted) as info, stop_outside_training():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted by the handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert info.value.exit_code == 130 and info.value.prefix == "interrupted" and info.value.path is None
     assert str(info.value) == (
         "stopped by signal 2 before or after the training loop; nothing to save there "
         "(resume from the run's last.ckpt, if it has one)"
     )
-    assert signal.getsignal(signal.SIGINT) is before
