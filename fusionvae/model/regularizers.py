@@ -90,8 +90,9 @@ class SpectralPenalty(nn.Module):
         us, vs = self._vectors("u"), self._vectors("v")
         if self.training:
             with torch.no_grad():
-                for w, u, v in zip(ws, us, vs) if steps > 1 else ():  # the first step's extra iterations
-                    u.copy_(power_iteration(w, u, v, steps - 1)[0])
+                if steps > 1:  # the first step's extra iterations
+                    for w, u, v in zip(ws, us, vs):
+                        u.copy_(power_iteration(w, u, v, steps - 1)[0])
                 wtu = torch.cat([torch.bmm(u.unsqueeze(1), w).reshape(-1) for w, u in zip(ws, us)])
                 _normalise_rows(wtu, self.v_rows, vs)
         wv = torch.cat([torch.bmm(w, v.unsqueeze(2)).reshape(-1) for w, v in zip(ws, vs)])  # grads reach w here
