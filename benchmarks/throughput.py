@@ -5,10 +5,12 @@ Lightning training step (objective, skip checks, optimiser, schedule, logging) o
                                     [--device cpu|cuda] [--precision 32|bf16]
 e.g. FUSIONVAE_DATA_DIR=/path/to/data OMP_NUM_THREADS=1 python benchmarks/throughput.py dataset.batch_size=64
 
-Reports images/s (batch items, each with up to k_max views + target), ms/step, peak memory (the
-process's RSS on CPU, the CUDA allocator's peak on GPU) and the leaf ATen ops of one training
-batch (torch.profiler; on a GPU each is at least one kernel launch) and its host syncs (device
-values read into Python, ``aten::_local_scalar_dense``: each stalls a GPU). The last line is JSON.
+Runs ``--warmup`` batches, one more under ``HostWaits``, then ``--steps`` timed ones. Reports
+images/s (batch items, each with up to k_max views + target), ms/step, peak memory (the process's
+RSS on CPU, the CUDA allocator's peak on GPU), the leaf ATen ops of the last warm-up batch
+(torch.profiler; on a GPU each is at least one kernel launch) and the host syncs of the next one
+(the ops that make the host wait for the device, ``fusionvae.training.host_waits``: device values
+read into Python, outputs sized by their values; each stalls a GPU). The last line is JSON.
 ``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
 
@@ -18,12 +20,15 @@ import argparse
 import json
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+
+from fusionvae.training.host_waits import HostWaits
 
 # leaf ops that launch no kernel: views, allocations and no-op conversions
 NO_KERNEL = {
@@ -60,29 +65,32 @@ NO_KERNEL = {
 }
 
 
-# a device value read into Python (.item(), bool(), int() of a tensor): on a GPU the host waits
-HOST_SYNC = "aten::_local_scalar_dense"
+# a device value read into Python (.item(), bool(), int() of a tensor): copies a value, runs no kernel
+HOST_READ = "aten::_local_scalar_dense"
 
 
-def leaf_aten_ops(prof) -> tuple[int, int, int]:
-    """ATen ops with no ATen op below them (the work actually dispatched), those of them that
-    run a kernel (views and allocations left out), and the host syncs among them."""
+def leaf_aten_ops(prof) -> tuple[int, int]:
+    """ATen ops with no ATen op below them (the work actually dispatched) and those of them that
+    run a kernel (views, allocations and host reads left out)."""
     names = [
         e.name
         for e in prof.events()
         if e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children)
     ]
-    return len(names), sum(1 for n in names if n not in NO_KERNEL and n != HOST_SYNC), names.count(HOST_SYNC)
+    return len(names), sum(1 for n in names if n not in NO_KERNEL and n != HOST_READ)
 
 
 class StepMeter(L.Callback):
-    """Times the training batches after ``warmup`` and profiles the last warm-up batch."""
+    """Profiles the last of ``warmup`` batches, lists the host syncs of the next one (``syncs``: op
+    name -> calls) and times the batches after it."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
+        self.first_timed = warmup + 1
         self.times: list[float] = []
-        self.ops = self.kernel_ops = self.syncs = 0
-        self._profiler = None
+        self.ops = self.kernel_ops = 0
+        self.syncs: dict[str, int] = {}
+        self._profiler = self._waits = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -93,17 +101,23 @@ class StepMeter(L.Callback):
         if batch_idx == self.warmup - 1:
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._profiler.__enter__()
-        if batch_idx == self.warmup and self.device.type == "cuda":
+        if batch_idx == self.warmup:  # its own batch: under a dispatch mode the profiler sees every op twice
+            self._waits = HostWaits().__enter__()
+        if batch_idx == self.first_timed and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._sync()
-        if batch_idx >= self.warmup:
+        if batch_idx >= self.first_timed:
             self.times.append(time.perf_counter() - self._start)
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
-            (self.ops, self.kernel_ops, self.syncs), self._profiler = leaf_aten_ops(self._profiler), None
+            self.ops, self.kernel_ops = leaf_aten_ops(self._profiler)
+            self._profiler = None
+        if self._waits is not None:
+            self._waits.__exit__(None, None, None)
+            self.syncs, self._waits = dict(Counter(self._waits.ops)), None
 
 
 def build(overrides: list[str], k: int | None):
@@ -149,7 +163,7 @@ def main() -> None:
     device = torch.device(args.device)
     meter = StepMeter(max(1, args.warmup), device)
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
-    trainer = training_only(meter, meter.warmup + args.steps, args.device, precision)
+    trainer = training_only(meter, meter.first_timed + args.steps, args.device, precision)
     trainer.fit(model, datamodule=dm)
     step = sorted(meter.times)[len(meter.times) // 2]  # median
     batch = cfg.dataset.batch_size
@@ -172,13 +186,14 @@ def main() -> None:
         peak_kind="cuda" if device.type == "cuda" else "rss",
         ops_per_step=meter.ops,
         kernel_ops_per_step=meter.kernel_ops,
-        host_syncs_per_step=meter.syncs,
+        host_syncs_per_step=sum(meter.syncs.values()),
+        host_syncs=meter.syncs,
     )
     print(
         f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
         f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
         f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
-        f"({meter.kernel_ops} with a kernel), {meter.syncs} host syncs"
+        f"({meter.kernel_ops} with a kernel), {result['host_syncs_per_step']} host syncs {meter.syncs or ''}"
     )
     print(json.dumps(result))
 
