@@ -68,3 +68,25 @@ def test_a_replayed_step_is_counted_without_a_second_update():
     closures = []
     opt.step(closure=lambda: closures.append(1), update=False)
     assert closures == [1] and torch.equal(p.detach(), torch.ones(3)) and int(opt.steps_done()) == 0
+
+
+def test_the_warm_ups_and_the_capture_run_under_one_autocast_without_its_cache():
+    """A capture must not use autocast's cast cache; compiled cells guard on that setting, so
+    warm-ups under another one would leave them to compile again inside the capture."""
+    graphs = CpuStepGraphs(warmup=2, device_type="cpu")
+    seen = []
+
+    def step(batch):
+        seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled())
+        )
+        return {"double": batch * 2}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(4):
+            graphs.run((0, (3,)), torch.ones(3), step)
+        assert torch.is_autocast_cache_enabled()  # put back after each step
+    assert seen == [(True, torch.bfloat16, False)] * 3  # 2 warm-ups and the capture; the replay runs no Python
+    seen.clear()
+    CpuStepGraphs(warmup=1, device_type="cpu").run((0, (3,)), torch.ones(3), step)  # fp32: nothing changes
+    assert [(enabled, cache) for enabled, _, cache in seen] == [(False, True)]

@@ -46,8 +46,8 @@ def check_step_graphs(device_type: str, world_size: int, scaler: object | None) 
 
 
 class StepGraphs:
-    def __init__(self, warmup: int = 3):
-        self.warmup = warmup
+    def __init__(self, warmup: int = 3, device_type: str = "cuda"):
+        self.warmup, self.device_type = warmup, device_type
         self.seen: Counter = Counter()
         self.graphs: dict[tuple, tuple[torch.Tensor, Callable[[], None], dict[str, torch.Tensor]]] = {}
         self.pool = None
@@ -61,10 +61,11 @@ class StepGraphs:
             replay()
             return {name: t.clone() for name, t in outputs.items()}, True
         self.seen[key] += 1
-        if self.seen[key] <= self.warmup:
-            return self._warm(step, batch), False
-        static_batch = batch.clone()
-        replay, outputs = self._capture(step, static_batch)
+        with _autocast_without_cache(self.device_type):  # the same for the warm-ups and the capture
+            if self.seen[key] <= self.warmup:
+                return self._warm(step, batch), False
+            static_batch = batch.clone()
+            replay, outputs = self._capture(step, static_batch)
         self.graphs[key] = (static_batch, replay, outputs)
         replay()  # a capture records the step's kernels without running them
         return {name: t.clone() for name, t in outputs.items()}, False
@@ -79,16 +80,18 @@ class StepGraphs:
 
     def _capture(self, step: Step, static_batch: torch.Tensor) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache():
+        with torch.cuda.graph(graph, pool=self.pool):
             outputs = step(static_batch)
         if self.pool is None:
             self.pool = graph.pool()
         return graph.replay, outputs
 
 
-def _autocast_without_cache():
-    """The surrounding autocast (Lightning's bf16) without its cast cache, which a captured region
-    must not use: cached casts would be the capture's, not the replay's."""
-    if not torch.is_autocast_enabled("cuda"):
+def _autocast_without_cache(device_type: str):
+    """The surrounding autocast (Lightning's bf16) without its cast cache. A captured region must
+    not use the cache: cached casts would be the capture's, not the replay's. The warm-ups run
+    under it too, because compiled cells guard on the cache setting (Dynamo's global state): warmed
+    up with it on, they would compile again inside the capture."""
+    if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
