@@ -23,6 +23,19 @@ class CpuStepGraphs(StepGraphs):
         return (lambda: outputs["double"].copy_(static_batch * 2)), outputs
 
 
+class CapturingStepGraphs(StepGraphs):
+    """Warm-ups and the capture run the step as they are (no CUDA stream or graph); counts captures."""
+
+    captured = 0
+
+    def _warm(self, step, batch):
+        return step(batch)
+
+    def _capture(self, step, static_batch):
+        self.captured += 1
+        return (lambda: None), step(static_batch)
+
+
 def test_warm_up_then_one_capture_per_key_then_replays():
     graphs = CpuStepGraphs(warmup=2)
     runs = []
@@ -90,3 +103,30 @@ def test_the_warm_ups_and_the_capture_run_under_one_autocast_without_its_cache()
     seen.clear()
     CpuStepGraphs(warmup=1, device_type="cpu").run((0, (3,)), torch.ones(3), step)  # fp32: nothing changes
     assert [(enabled, cache) for enabled, _, cache in seen] == [(False, True)]
+
+
+def test_the_capture_compiles_nothing_after_bf16_warm_ups():
+    """The module's step with compiled cells (a counting backend, Dynamo's real guards) under bf16
+    autocast: the warm-ups compile, the step that would be captured reuses their graphs."""
+    from fusionvae.training.compile import compile_network
+    from tests.test_compile import counting_backend
+    from tests.test_lit_module_mutants import attach, batch, module, with_optimizer
+
+    torch._dynamo.reset()
+    compiled = []
+    m = module()
+    compile_network(m.net, "default", "cpu", k_max=3, backend=counting_backend(compiled))
+    attach(m)
+    with_optimizer(m)
+    m._trainer._logger_connector.should_update_logs = False
+    m.draw_k = lambda: 2
+    m.step_graphs = graphs = CapturingStepGraphs(warmup=2, device_type="cpu")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(2):
+                m.training_step(batch(), i)
+            warmed = len(compiled)
+            m.training_step(batch(), 2)
+    finally:
+        torch._dynamo.reset()
+    assert warmed > 0 and graphs.captured == 1 and len(compiled) == warmed
