@@ -4,6 +4,8 @@ capture itself is tested on a GPU (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -130,3 +132,35 @@ def test_the_capture_compiles_nothing_after_bf16_warm_ups():
     finally:
         torch._dynamo.reset()
     assert warmed > 0 and graphs.captured == 1 and len(compiled) == warmed
+
+
+def test_the_capture_shares_one_pool_and_lets_other_threads_use_cuda(monkeypatch):
+    """``_capture`` with CUDA's graph API stood in for: every capture after the first gets the first
+    one's memory pool, and capture errors are thread-local, so the DataLoader's pin-memory thread
+    may allocate page-locked memory while a step is captured (the default "global" mode breaks
+    the capture then)."""
+    captures = []
+
+    class Graph:
+        def pool(self):
+            return ("pool of", id(self))
+
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        captures.append((cuda_graph, pool, capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    graphs = StepGraphs(warmup=0, device_type="cpu")
+    for _ in range(3):
+        graphs._capture(lambda b: {"double": b * 2}, torch.ones(2))
+    first = captures[0][0]
+    assert [(pool, mode) for _, pool, mode in captures] == [
+        (None, "thread_local"),
+        (first.pool(), "thread_local"),
+        (first.pool(), "thread_local"),
+    ]

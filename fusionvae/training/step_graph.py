@@ -80,7 +80,10 @@ class StepGraphs:
 
     def _capture(self, step: Step, static_batch: torch.Tensor) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: under the default "global" mode a CUDA call from any other thread (the
+        # DataLoader's pin-memory thread allocating page-locked memory for the next batch) breaks
+        # the capture and poisons that thread; its calls touch none of the captured streams
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = step(static_batch)
         if self.pool is None:
             self.pool = graph.pool()
