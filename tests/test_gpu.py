@@ -156,16 +156,18 @@ def test_a_training_step_on_the_gpu_never_waits_for_it():
     assert int(m.skipped_steps) == 1 and m.step_engine.consecutive_skips == 1
 
 
-def test_the_training_step_replayed_from_a_cuda_graph_matches_eager():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_training_step_replayed_from_a_cuda_graph_matches_eager(checkpointing):
     """model.compile_mode=reduce-overhead's step graphs (fusionvae.training.step_graph) against the
     eager step, from the same weights on the same batches: two warm-up steps, the capture, then
-    replays, one of them with a NaN batch (skipped inside the graph). The replays wait for nothing."""
+    replays, one of them with a NaN batch (skipped inside the graph). The replays wait for nothing.
+    With activation checkpointing too: its recompute runs inside the captured backward."""
     from fusionvae.training.step_graph import StepGraphs
     from tests.test_lit_module_mutants import attach, batch, module, with_optimizer
 
     runs = []
     for graphed in (False, True):
-        m = module().cuda()
+        m = module(activation_checkpointing=checkpointing).cuda()
         attach(m)
         with_optimizer(m)
         m._trainer._logger_connector.should_update_logs = False

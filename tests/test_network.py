@@ -200,7 +200,7 @@ def test_activation_checkpointing_changes_neither_values_nor_batch_norm_state():
     views, target = data()
     results = []
     for net in (plain, ckpt):
-        torch.manual_seed(5)  # the same z draws (checkpoint replays the RNG in its recompute)
+        torch.manual_seed(5)  # the same z draws
         out = net(views, target)
         loss = -out.likelihood.log_prob(target).sum() + out.kl.sum()
         loss.backward()
@@ -211,6 +211,34 @@ def test_activation_checkpointing_changes_neither_values_nor_batch_norm_state():
         torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     for name, value in state_a.items():  # running stats updated once, not again in the recompute
         assert torch.equal(state_b[name], value), name
+
+
+def test_activation_checkpointing_reads_no_random_state(monkeypatch):
+    """Cells draw no random numbers, so checkpointing saves no RNG state for their recompute: a
+    CUDA-graph capture of the step (fusionvae.training.step_graph) forbids reading the CUDA
+    generator's, and torch would read the CPU one's and the device's for every cell."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an RNG state was read")
+
+    from fusionvae.model import activation_checkpoint
+    from fusionvae.model.cells import Cell
+
+    checkpointed = []
+
+    def counted(module, *args, **kwargs):
+        checkpointed.append(module)
+        return torch.utils.checkpoint.checkpoint(module, *args, **kwargs)
+
+    net = tiny(activation_checkpointing=True)
+    views, target = data()
+    monkeypatch.setattr(activation_checkpoint, "checkpoint", counted)
+    monkeypatch.setattr(torch, "get_rng_state", forbidden)
+    monkeypatch.setattr(torch.utils.checkpoint, "get_device_states", forbidden)
+    out = net(views, target)
+    (-out.likelihood.log_prob(target).sum() + out.kl.sum()).backward()
+    cells = [m for m in net.modules() if isinstance(m, Cell)]
+    assert len(checkpointed) == len(cells) and all(p.grad is not None for p in cells[-1].parameters())
 
 
 def test_module_checkpoints_from_before_latent_groups_restart_the_power_iteration(tmp_path):

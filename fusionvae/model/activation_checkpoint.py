@@ -4,7 +4,8 @@
 training mode would then update its running statistics twice per step; during that recompute we
 set its momentum to 0 (the batch statistics used for normalising, and so the activations, are
 unchanged) and restore ``num_batches_tracked`` afterwards, so the state after a step is the same
-as without checkpointing.
+as without checkpointing. Only cells are checkpointed, and they draw no random numbers (the
+latent draws happen outside them), so no RNG state is saved for the recompute.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def run(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
     instead of being kept."""
     if not (enabled and torch.is_grad_enabled()):
         return module(x)
+    # preserve_rng_state=False: a cell draws no random numbers, so there is no RNG state to replay;
+    # reading the CUDA generator's state is also forbidden inside a CUDA-graph capture (the step
+    # graphs of fusionvae.training.step_graph)
     return checkpoint(
-        module, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _frozen_batch_norm_stats(module))
+        module,
+        x,
+        use_reentrant=False,
+        preserve_rng_state=False,
+        context_fn=lambda: (nullcontext(), _frozen_batch_norm_stats(module)),
     )
