@@ -9,6 +9,7 @@ import contextlib
 import pytest
 import torch
 
+from fusionvae.training.host_waits import HostWaits
 from fusionvae.training.optim import OptimSettings, build_optimizer
 from fusionvae.training.step_graph import StepGraphs, check_step_graphs
 
@@ -26,7 +27,8 @@ class CpuStepGraphs(StepGraphs):
 
 
 class CapturingStepGraphs(StepGraphs):
-    """Warm-ups and the capture run the step as they are (no CUDA stream or graph); counts captures."""
+    """Warm-ups and the capture run the step as they are (no CUDA stream or graph; a replay does
+    nothing); counts captures and lists what each capture would wait for (none may)."""
 
     captured = 0
 
@@ -35,7 +37,10 @@ class CapturingStepGraphs(StepGraphs):
 
     def _capture(self, step, static_batch):
         self.captured += 1
-        return (lambda: None), step(static_batch)
+        with HostWaits() as waits:
+            outputs = step(static_batch)
+        self.waits = [*getattr(self, "waits", []), *waits.ops]
+        return (lambda: None), outputs
 
 
 def test_warm_up_then_one_capture_per_key_then_replays():
@@ -125,10 +130,10 @@ def test_the_capture_compiles_nothing_after_bf16_warm_ups():
     m.step_graphs = graphs = CapturingStepGraphs(warmup=2, device_type="cpu")
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            for i in range(2):
+            for i in range(3):  # the first step (its own key: the power iteration starts), 2 warm-ups
                 m.training_step(batch(), i)
             warmed = len(compiled)
-            m.training_step(batch(), 2)
+            m.training_step(batch(), 3)
     finally:
         torch._dynamo.reset()
     assert warmed > 0 and graphs.captured == 1 and len(compiled) == warmed
@@ -164,3 +169,22 @@ def test_the_capture_shares_one_pool_and_lets_other_threads_use_cuda(monkeypatch
         (first.pool(), "thread_local"),
         (first.pool(), "thread_local"),
     ]
+
+
+def test_a_capture_reads_nothing_even_when_the_first_steps_were_skipped():
+    """Skipped first steps put the power iteration's start flag back, so the next step reads it
+    again: on the host side, before a capture, and the graphs are keyed by it (a read inside the
+    capture would break it; a graph of the first step replayed later would redo its start)."""
+    from tests.test_lit_module_mutants import attach, batch, module, with_optimizer
+
+    m = module()
+    attach(m)
+    with_optimizer(m)
+    m._trainer._logger_connector.should_update_logs = False
+    m.draw_k = lambda: 2
+    m.step_graphs = graphs = CapturingStepGraphs(warmup=2, device_type="cpu")
+    for i, nan in enumerate([True, True, False, False, False, False]):
+        m.training_step(batch(nan=nan), i)
+    shape = tuple(batch().shape)
+    assert graphs.captured == 2 and graphs.waits == []
+    assert set(graphs.graphs) == {(2, shape, True), (2, shape, False)}  # steps 0-2, then 3-5

@@ -75,6 +75,13 @@ class SpectralPenalty(nn.Module):
             for conv in convs:
                 conv.given_weight = conv.given_group = None
 
+    def first_step(self) -> bool:
+        """Whether the next training pass starts the power iteration (``init_steps`` iterations from
+        the random start): a device read in the first steps only. The step's Python path depends
+        on it, so the training step reads it on the host side of a CUDA-graph capture and keys
+        the graphs by it (``fusionvae.training.step_graph``)."""
+        return not self._initialised.get(self.initialised)
+
     def _vectors(self, name: str) -> list[torch.Tensor]:
         return [getattr(self, f"{name}{i}") for i in range(len(self.groups))]
 
@@ -84,7 +91,7 @@ class SpectralPenalty(nn.Module):
         written into their buffers in place."""
         if not self.groups:
             return torch.zeros((), device=self.initialised.device)
-        first = not self._initialised.get(self.initialised)
+        first = self.first_step()
         steps = self.init_steps if first else self.steps
         ws = [self._weights(convs).float() for convs in self.groups]
         us, vs = self._vectors("u"), self._vectors("v")

@@ -151,8 +151,9 @@ class FusionVAEModule(L.LightningModule):
         step = functools.partial(self._device_step, k=k, opt=opt)
         if self.step_graphs is None:
             logged = step(batch)
-        else:
-            logged, replayed = self.step_graphs.run((k, tuple(batch.shape)), batch, step)
+        else:  # keyed by every host value the device step's Python branches on
+            key = (k, tuple(batch.shape), self.spectral.first_step())
+            logged, replayed = self.step_graphs.run(key, batch, step)
             if replayed:  # its update ran in the graph: Lightning counts the step and runs its hooks
                 opt.step(update=False)
         self._batches.set(self.train_batches, done + 1)
@@ -165,7 +166,7 @@ class FusionVAEModule(L.LightningModule):
 
     def _device_step(self, batch: torch.Tensor, k: int, opt) -> dict[str, torch.Tensor]:
         """Forward, backward and the optimiser step; the values to log. Device work only, on one
-        Python path per K and batch shape, so that it can be captured in a CUDA graph."""
+        Python path per K, batch shape and power-iteration start, so that it can be captured in a CUDA graph."""
         self.train_batches += 1
         self.step_engine.begin()
         terms = self.terms(batch, k)
