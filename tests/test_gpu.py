@@ -176,9 +176,10 @@ def test_the_training_step_replayed_from_a_cuda_graph_matches_eager(checkpointin
         if graphed:
             m.step_graphs = StepGraphs(warmup=2)
         losses = []
-        for i, b in enumerate([batch(), batch(), batch(), batch(), batch(nan=True), batch()]):
+        batches = [b.cuda() for b in (batch(), batch(), batch(), batch(), batch(nan=True), batch())]
+        for i, b in enumerate(batches):  # (a copy from pageable host memory would wait: made before)
             with never_waiting() if graphed and i >= 4 else contextlib.nullcontext():
-                m.training_step(b.cuda(), i)
+                m.training_step(b, i)
             losses.append(m.log_dict.calls[-1][0][0]["train/loss"])
         runs.append((m, torch.stack(losses).cpu()))
     (eager, eager_losses), (graph, graph_losses) = runs
