@@ -166,7 +166,8 @@ class FusionVAEModule(L.LightningModule):
 
     def _device_step(self, batch: torch.Tensor, k: int, opt) -> dict[str, torch.Tensor]:
         """Forward, backward and the optimiser step; the values to log. Device work only, on one
-        Python path per K, batch shape and power-iteration start, so that it can be captured in a CUDA graph."""
+        Python path per K, batch shape and power-iteration start, so that it can be captured in a
+        CUDA graph."""
         self.train_batches += 1
         self.step_engine.begin()
         terms = self.terms(batch, k)

@@ -4,10 +4,10 @@ graph, one graph per (K, batch shape, first power-iteration step or not).
 
 A step can be captured because it reads nothing back from the device (``fusionvae.training.step``):
 its Python path depends only on K, the batch shape and whether the spectral power iteration
-starts (a flag read on the host side, in the first steps only), which key the graphs. What must happen on
-the host every step stays outside: K's draw, the seeds, the host copies of counters, logging, and
-Lightning's count of optimiser steps (``run`` says when the step was a replay, whose Python did not
-run: the module then lets Lightning count it without a second update).
+starts (a flag read on the host side, in the first steps only), which key the graphs. What must
+happen on the host every step stays outside: K's draw, the seeds, the host copies of counters,
+logging, and Lightning's count of optimiser steps (``run`` says when the step was a replay, whose
+Python did not run: the module then lets Lightning count it without a second update).
 
 Each key's first ``warmup`` steps run eagerly on a side stream (cuDNN and the autograd engine
 settle there, as CUDA graphs need); the next one is captured and replayed, and every later step
