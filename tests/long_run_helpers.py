@@ -16,7 +16,8 @@ from fusionvae.training.resilience import stop_requested
 
 class SignalAt(L.Callback):
     """At the start of the batch where ``global_step == step``: send ``signal`` to this process
-    (``external=False``), or write ``marker`` and wait until someone else sends a signal."""
+    (``external=False``), or write ``marker`` and wait until someone else sends a signal. With
+    ``rank``, only that DDP rank does."""
 
     def __init__(
         self,
@@ -25,12 +26,13 @@ class SignalAt(L.Callback):
         external: bool = False,
         marker: str | None = None,
         timeout: float = 120.0,
+        rank: int | None = None,
     ):
         self.step, self.signum, self.external = step, getattr(signal, signal_name), external
-        self.marker, self.timeout, self.fired = marker, timeout, False
+        self.marker, self.timeout, self.fired, self.rank = marker, timeout, False, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.fired or trainer.global_step != self.step:
+        if self.fired or trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
             return
         self.fired = True
         signal_now(self.signum, self.external, self.marker, self.timeout)

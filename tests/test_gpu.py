@@ -189,3 +189,24 @@ def test_the_training_step_replayed_from_a_cuda_graph_matches_eager(checkpointin
     for (name, a), b in zip(eager.named_buffers(), graph.buffers()):
         torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
     assert int(graph.optimizers().optimizer.steps_done()) == int(eager.optimizers().optimizer.steps_done()) == 5
+
+
+def test_lagged_flags_on_the_gpu(tmp_path):
+    """RunGuard's agreement under DDP (fusionvae.training.rank_flags.LaggedFlags) through NCCL, one
+    rank: page-locked host buffers, and the answer one exchange late."""
+    import torch.distributed as dist
+
+    from fusionvae.training.rank_flags import LaggedFlags
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        flags = LaggedFlags(torch.device("cuda"), 2)
+        assert flags._out.is_pinned() and flags._in.is_pinned()
+        seen = [flags.received()]
+        flags.send(True, False)
+        seen.append(flags.received())
+        flags.send(False, True)
+        seen.append(flags.received())
+    finally:
+        dist.destroy_process_group()
+    assert seen == [[False, False], [True, False], [False, True]]

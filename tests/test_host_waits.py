@@ -54,3 +54,23 @@ def test_the_ops_are_listed_in_call_order_and_the_results_are_unchanged():
         picked = x[mask]
     assert waits.ops == ["aten._local_scalar_dense", "aten.index"]
     assert value == x.sum().item() and torch.equal(picked, x[mask])
+
+
+def test_a_copy_to_the_host_waits_unless_it_is_non_blocking_into_page_locked_memory():
+    """Judged from the arguments alone (a ``meta`` tensor stands for one on a GPU). Page-locked memory
+    needs CUDA, so that case stands in for ``is_pinned`` too."""
+    from unittest import mock
+
+    from fusionvae.training.host_waits import waits_for_device
+
+    aten = torch.ops.aten
+    on_device, host = torch.empty(3, device="meta"), torch.empty(3)
+    assert waits_for_device(aten._to_copy.default, (on_device,), {"device": torch.device("cpu")})
+    assert not waits_for_device(aten._to_copy.default, (host,), {"device": torch.device("cpu")})
+    assert not waits_for_device(aten._to_copy.default, (host,), {"device": torch.device("meta")})  # to the device
+    assert waits_for_device(aten.copy_.default, (host, on_device), {})
+    assert waits_for_device(aten.copy_.default, (host, on_device, True), {})  # pageable: waits anyway
+    with mock.patch.object(torch.Tensor, "is_pinned", lambda self: True):
+        assert not waits_for_device(aten.copy_.default, (host, on_device, True), {})
+        assert waits_for_device(aten.copy_.default, (host, on_device, False), {})
+    assert not waits_for_device(aten.copy_.default, (on_device, host), {})  # to the device

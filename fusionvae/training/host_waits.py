@@ -37,9 +37,16 @@ def waits_for_device(func, args: tuple, kwargs: dict) -> bool:
 
 
 def _to_host(args: tuple, kwargs: dict) -> bool:
-    """A copy whose source is on a device and whose result is on the host."""
-    source = args[1] if len(args) > 1 else args[0]  # copy_(dst, src) / _to_copy(src, device=...)
-    target = kwargs.get("device") if len(args) == 1 else args[0].device
+    """A copy from a device to the host that the host waits for: all but ``copy_(pinned, src,
+    non_blocking=True)``, which returns at once (its reader waits for it later, on an event)."""
+    if len(args) > 1:  # copy_(dst, src, non_blocking=False)
+        dst, source = args[0], args[1]
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        if non_blocking and dst.device.type == "cpu" and dst.is_pinned():
+            return False
+        target = dst.device
+    else:  # _to_copy(src, device=...)
+        source, target = args[0], kwargs.get("device")
     return source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
 
 

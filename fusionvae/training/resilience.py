@@ -16,7 +16,9 @@
   run logged, and ModelCheckpoint picks the same best checkpoint;
 - deletes temporary checkpoint files left by killed runs in ``dirpath`` when fitting starts.
 
-Under DDP the decision to save or stop is all-reduced, so every rank saves and stops together.
+Under DDP the decision to save or stop is all-reduced, so every rank saves and stops together; in
+training, one batch after a rank asked (``fusionvae.training.rank_flags.LaggedFlags``: the host
+never waits for the GPU to finish a step).
 ``stop_outside_training`` covers the time before RunGuard's handlers and after them (data
 preparation, the test loop): SIGTERM / SIGINT stop at once there, as ``Preempted`` without a
 checkpoint, so the run's lock and logs are closed as after any other stop.
@@ -38,6 +40,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from datamodules.training_order import mix
 from fusionvae.errors import Preempted
 from fusionvae.training.checkpoint_io import remove_stale_temps
+from fusionvae.training.rank_flags import LaggedFlags, agree_now
 
 _requested: list[int] = []  # signals received; appended by the handler, read at batch ends
 _VALIDATION = 1  # in validation's seed, so it never equals a training batch's (lit_module: seed, batch, rank)
@@ -98,6 +101,7 @@ class RunGuard(L.Callback):
         self._last_time, self._last_step = time.monotonic(), -1
         self._val_start: dict | None = None  # the validation progress when the running validation began
         self._rng: tuple | None = None  # the random state validation put aside
+        self._ranks: LaggedFlags | None = None  # under DDP (on_train_start)
 
     def path(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
@@ -118,6 +122,7 @@ class RunGuard(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_time, self._last_step = time.monotonic(), trainer.global_step
+        self._ranks = LaggedFlags(trainer.strategy.root_device, 2) if trainer.world_size > 1 else None
         self._install()
 
     def _install(self) -> None:
@@ -158,21 +163,21 @@ class RunGuard(L.Callback):
             return True
         return bool(self.every_minutes) and time.monotonic() - self._last_time >= 60 * self.every_minutes
 
-    @staticmethod
-    def _agreed(trainer: L.Trainer, *flags: bool) -> list[bool]:
-        """``flags`` or-ed over the DDP ranks: one decision for all (saving is collective)."""
-        values = torch.tensor(flags, dtype=torch.float32)
-        if trainer.world_size > 1:
-            values = trainer.strategy.reduce(values.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-        return [bool(v > 0) for v in values]
+    def _wanted(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """This rank's (stop requested, checkpoint due)."""
+        return stop_requested() is not None or trainer.received_sigterm, self._due(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        signum = stop_requested() or (signal.SIGTERM if trainer.received_sigterm else None)
-        stop, due = self._agreed(trainer, signum is not None, self._due(trainer))
+        # one process: this batch's wishes; DDP: those all ranks sent after the previous batch
+        # (LaggedFlags: the host does not wait for the step it has just queued)
+        ranks = self._ranks
+        stop, due = self._wanted(trainer) if ranks is None else ranks.received()
         if stop or due:
             self._save(trainer)
         if stop:
-            raise Preempted(signum or signal.SIGTERM, trainer.global_step, str(self.path(trainer)))
+            raise Preempted(stop_requested() or signal.SIGTERM, trainer.global_step, str(self.path(trainer)))
+        if ranks is not None:  # after acting: a checkpoint just written is not due again
+            ranks.send(*self._wanted(trainer))
 
     # ---- validation: its own random draws, and a stop at the end of its current batch -------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -207,8 +212,14 @@ class RunGuard(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         signum = stop_requested()
-        if not self._previous or not self._agreed(trainer, signum is not None)[0]:
-            return  # not fitting under our handlers (e.g. trainer.validate), or no signal
+        if not self._previous:
+            return  # not fitting under our handlers (e.g. trainer.validate)
+        if trainer.world_size > 1:  # validation reads its metrics anyway: waiting here costs little
+            (stop,) = agree_now(trainer.strategy.root_device, signum is not None)
+        else:
+            stop = signum is not None
+        if not stop:
+            return
         signum = signum or signal.SIGTERM  # another rank got it
         if trainer.sanity_checking:  # nothing trained since the start or the resumed checkpoint
             raise Preempted(signum, None, None)
