@@ -9,11 +9,13 @@ import math
 import os
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, compose_cfg
 
-from fusionvae.training.callbacks import LogInterval
+from fusionvae.training.callbacks import LogInterval, ProgressBar
+from fusionvae.training.host_waits import HostWaits
 from fusionvae.training.run_log import run_hyperparameters
 
 
@@ -59,3 +61,109 @@ def test_the_logging_interval_gives_a_short_run_curves(steps, configured, expect
     trainer = SimpleNamespace(estimated_stepping_batches=steps, log_every_n_steps=configured)
     LogInterval(points=20).on_fit_start(trainer, None)
     assert trainer.log_every_n_steps == expected
+
+
+class PbarModule(L.LightningModule):
+    """One parameter; logs a device tensor to the progress bar every step, as the FusionVAE module does."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        loss = (self.w * batch).sum()
+        self.log("nelbo", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("bar, reads", [("ours", [3, 6, 7]), ("lightning", [1, 2, 3, 4, 5, 6, 7, 7])])
+def test_the_progress_bar_reads_its_metrics_at_logging_steps_only(tmp_path, bar, reads):
+    """Reading the bar's metrics (``.item()``) makes the host wait for the GPU: ours reads them after
+    every ``log_every_n_steps``-th batch (3 here) and at the epoch's end (after batch 7); Lightning's
+    after every batch. Each read is listed by the number of batches done then."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    progress = ProgressBar() if bar == "ours" else RichProgressBar()
+    seen = []
+    get_metrics = progress.get_metrics
+
+    def recording(trainer, pl_module):
+        seen.append(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return get_metrics(trainer, pl_module)
+
+    progress.get_metrics = recording
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=7,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[progress],
+        log_every_n_steps=3,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    trainer.fit(PbarModule(), torch.utils.data.DataLoader(torch.ones(7, 1), batch_size=1))
+    assert seen == reads
+
+
+def test_train_py_uses_that_progress_bar(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg("train", [f"paths.output_dir={tmp_path}"])
+    assert type(instantiate(cfg.callbacks.progress_bar)) is ProgressBar
+
+
+class HostWaitsPerBatch(L.Callback):
+    """``HostWaits`` from one training batch's start to the next one's (the batch's end hooks and
+    Lightning's bookkeeping included): ``per_batch[i]`` lists batch i's ops."""
+
+    def __init__(self):
+        self.per_batch, self.waits = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self.waits = HostWaits().__enter__()
+
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def _close(self):
+        if self.waits is not None:
+            self.waits.__exit__(None, None, None)
+            self.per_batch.append(self.waits.ops)
+            self.waits = None
+
+
+def test_train_py_waits_for_the_device_at_logging_steps_only(data_dir, tmp_path):
+    """train.py's trainer with the default callbacks (progress bar, run guard, checkpoints) and a
+    logger: a training batch that is not a logging step makes the host wait for nothing (the
+    first two read the power iteration's start flag). Lightning's RichProgressBar and a progress-bar
+    value logged every step would each wait at every batch."""
+    from fusionvae.training.build import build
+
+    overrides = [o for o in TINY if o != "callbacks.progress_bar=null"]
+    cfg = compose_cfg(
+        "train",
+        [
+            *overrides,
+            f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=11",
+            "trainer.limit_val_batches=0",
+            "trainer.log_every_n_steps=5",
+            "callbacks.log_interval=null",
+        ],
+    )
+    datamodule, model, trainer = build(cfg)
+    assert any(type(c) is ProgressBar for c in trainer.callbacks)
+    probe = HostWaitsPerBatch()
+    trainer.callbacks.append(probe)
+    trainer.fit(model, datamodule=datamodule)
+    counts = [len(ops) for ops in probe.per_batch]
+    assert len(counts) == 11 and counts[4] > 0 and counts[9] > 0  # the logging steps read their values
+    # batches 2..9 but the logging steps (the last one's window holds the epoch's end)
+    assert [c for i, c in enumerate(counts[:-1]) if i >= 2 and i not in (4, 9)] == [0] * 6, counts

@@ -160,7 +160,8 @@ class FusionVAEModule(L.LightningModule):
         self.log_dict(
             {**logged, "train/k": float(k)}, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch.shape[0]
         )
-        self.log("nelbo", logged["train/nelbo"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        # no prog_bar=True here: Lightning reads every progress-bar value after every batch (a host
+        # sync); the progress bar shows train/nelbo at logging steps (training.callbacks.ProgressBar)
         if self.trainer._logger_connector.should_update_logs:  # logging steps read device values anyway
             self._check_skips()
 
