@@ -10,7 +10,8 @@ images/s (batch items, each with up to k_max views + target), ms/step, peak memo
 RSS on CPU, the CUDA allocator's peak on GPU), the leaf ATen ops of the last warm-up batch
 (torch.profiler; on a GPU each is at least one kernel launch) and the host syncs of the next one
 (the ops that make the host wait for the device, ``fusionvae.training.host_waits``: device values
-read into Python, outputs sized by their values; each stalls a GPU). The last line is JSON.
+read into Python, outputs sized by their values; each stalls a GPU) and GFLOP (convolutions and
+matrix products, forward and backward: torch.utils.flop_counter). The last line is JSON.
 ``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
 
@@ -27,6 +28,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
 
 from fusionvae.training.host_waits import HostWaits
 
@@ -82,7 +84,8 @@ def leaf_aten_ops(prof) -> tuple[int, int]:
 
 class StepMeter(L.Callback):
     """Profiles the last of ``warmup`` batches, lists the host syncs of the next one (``syncs``: op
-    name -> calls) and times the batches after it."""
+    name -> calls) and counts its floating-point operations (``flops``: torch's FlopCounterMode,
+    convolutions and matrix products, forward and backward), and times the batches after it."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
@@ -90,7 +93,8 @@ class StepMeter(L.Callback):
         self.times: list[float] = []
         self.ops = self.kernel_ops = 0
         self.syncs: dict[str, int] = {}
-        self._profiler = self._waits = None
+        self.flops = 0
+        self._profiler = self._waits = self._flops = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -102,6 +106,7 @@ class StepMeter(L.Callback):
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self._profiler.__enter__()
         if batch_idx == self.warmup:  # its own batch: under a dispatch mode the profiler sees every op twice
+            self._flops = FlopCounterMode(display=False).__enter__()
             self._waits = HostWaits().__enter__()
         if batch_idx == self.first_timed and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -117,7 +122,9 @@ class StepMeter(L.Callback):
             self._profiler = None
         if self._waits is not None:
             self._waits.__exit__(None, None, None)
+            self._flops.__exit__(None, None, None)
             self.syncs, self._waits = dict(Counter(self._waits.ops)), None
+            self.flops, self._flops = self._flops.get_total_flops(), None
 
 
 def build(overrides: list[str], k: int | None):
@@ -186,6 +193,7 @@ def main() -> None:
         peak_kind="cuda" if device.type == "cuda" else "rss",
         ops_per_step=meter.ops,
         kernel_ops_per_step=meter.kernel_ops,
+        gflop_per_step=round(meter.flops / 1e9, 2),
         host_syncs_per_step=sum(meter.syncs.values()),
         host_syncs=meter.syncs,
     )
@@ -193,7 +201,8 @@ def main() -> None:
         f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
         f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
         f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
-        f"({meter.kernel_ops} with a kernel), {result['host_syncs_per_step']} host syncs {meter.syncs or ''}"
+        f"({meter.kernel_ops} with a kernel), {result['host_syncs_per_step']} host syncs {meter.syncs or ''}, "
+        f"{result['gflop_per_step']} GFLOP/step"
     )
     print(json.dumps(result))
 
