@@ -11,7 +11,8 @@ RSS on CPU, the CUDA allocator's peak on GPU), the leaf ATen ops of the last war
 (torch.profiler; on a GPU each is at least one kernel launch) and the host syncs of the next one
 (the ops that make the host wait for the device, ``fusionvae.training.host_waits``: device values
 read into Python, outputs sized by their values; each stalls a GPU) and GFLOP (convolutions and
-matrix products, forward and backward: torch.utils.flop_counter). The last line is JSON.
+matrix products, forward and backward: torch.utils.flop_counter; it sees dispatched ops only, so
+not the kernels of cells compiled by inductor: take the GFLOP of an eager run). The last line is JSON.
 ``--k`` fixes K for every step (default: drawn per batch, as in training).
 """
 
