@@ -6,7 +6,7 @@
 #   bash benchmarks/device_check.sh --cpu-dry-run  # the same sequence on the CPU (tiny model, 2 timed
 #                                                  # steps, aot_eager compile backend): checks the script
 # Stages:
-#   1. python -m pytest -m gpu -q   (tests/test_gpu.py; all skipped without a GPU)
+#   1. python -m pytest -m gpu, serially (tests/test_gpu.py; all skipped without a GPU)
 #   2. benchmarks/throughput.py at bf16 (32 on a GPU without bf16), K fixed per run:
 #        FusionMNIST, the paper's MNIST model, K=3, batch 64 and batch 800;
 #        FusionCelebA size (model/size=celeba, 64x64 RGB stand-ins), batch 32, K=0 and K=3;
@@ -118,7 +118,10 @@ record() {  # label compile status seconds result-json
 # ---- 1. GPU tests ---------------------------------------------------------------------------------
 limit=$(( $(left) < 150 * SCALE ? $(left) : 150 * SCALE ))
 t0=$SECONDS
-timeout -k 10 "$limit" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider > "$WORK/pytest.log" 2>&1
+# one process, one test at a time on the one GPU: the repository's addopts (-n auto) cleared, so
+# that the run is the same whether or not pytest-xdist is installed there
+timeout -k 10 "$limit" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider -p no:xdist -o addopts= --timeout=600 \
+  > "$WORK/pytest.log" 2>&1
 rc=$?
 tail -n 25 "$WORK/pytest.log"
 case $rc in 0) status=ok ;; 5) status="no tests ran" ;; 124|137) status="timeout (${limit} s)" ;; *) status="failed (rc $rc)" ;; esac

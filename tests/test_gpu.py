@@ -74,33 +74,6 @@ def test_bf16_fast_dev_run_keeps_the_distribution_maths_fp32(data_dir, tmp_path)
     assert model.device.type == "cuda" and int(model.skipped_steps) == 0
 
 
-# k_max=1: training + validation K = 0, 1 are 18 cell graphs to compile per mode (inductor takes a while)
-COMPILED = ["trainer.precision=32-true", "dataset.k_max=1"]
-
-
-@pytest.fixture(scope="module")
-def eager_fp32(data_dir, tmp_path_factory):
-    return fit(cfg(data_dir, tmp_path_factory.mktemp("eager"), *COMPILED))[2]
-
-
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compile_on_cuda_matches_eager(data_dir, tmp_path, monkeypatch, eager_fp32, mode):
-    """Inductor (and CUDA graphs) on one training + one validation batch, fp32 so that the values
-    can be compared; ``fallback_random`` makes inductor draw the eager posterior noise."""
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    graphs = counters["stats"]["unique_graphs"]
-    model, trainer, metrics = fit(
-        cfg(data_dir, tmp_path, *COMPILED, "model.compile=true", f"model.compile_mode={mode}")
-    )
-    assert is_compiled(model.net) and model.net._fusionvae_compiled == (mode, "inductor")
-    # training: the tiny model's 7 cell kinds at one K; validation: 7 at K = 0, the 4 encoder cells at K = 1
-    assert counters["stats"]["unique_graphs"] - graphs == 7 + 7 + 4
-    for key in ["train/loss", "train/nelbo", "val/nelbo_k0", "val/nelbo_k1"]:
-        assert metrics[key] == pytest.approx(eager_fp32[key], rel=2e-3), key
-    torch._dynamo.reset()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_sync_batchnorm_under_the_ddp_trainer(data_dir, tmp_path):
@@ -210,3 +183,31 @@ def test_lagged_flags_on_the_gpu(tmp_path):
     finally:
         dist.destroy_process_group()
     assert seen == [[False, False], [True, False], [False, True]]
+
+
+# ---- last: inductor compiles for minutes, and a stage time limit should cut these, not the rest
+# k_max=1: training + validation K = 0, 1 are 18 cell graphs to compile per mode (inductor takes a while)
+COMPILED = ["trainer.precision=32-true", "dataset.k_max=1"]
+
+
+@pytest.fixture(scope="module")
+def eager_fp32(data_dir, tmp_path_factory):
+    return fit(cfg(data_dir, tmp_path_factory.mktemp("eager"), *COMPILED))[2]
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_on_cuda_matches_eager(data_dir, tmp_path, monkeypatch, eager_fp32, mode):
+    """Inductor (and CUDA graphs) on one training + one validation batch, fp32 so that the values
+    can be compared; ``fallback_random`` makes inductor draw the eager posterior noise."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    graphs = counters["stats"]["unique_graphs"]
+    model, trainer, metrics = fit(
+        cfg(data_dir, tmp_path, *COMPILED, "model.compile=true", f"model.compile_mode={mode}")
+    )
+    assert is_compiled(model.net) and model.net._fusionvae_compiled == (mode, "inductor")
+    # training: the tiny model's 7 cell kinds at one K; validation: 7 at K = 0, the 4 encoder cells at K = 1
+    assert counters["stats"]["unique_graphs"] - graphs == 7 + 7 + 4
+    for key in ["train/loss", "train/nelbo", "val/nelbo_k0", "val/nelbo_k1"]:
+        assert metrics[key] == pytest.approx(eager_fp32[key], rel=2e-3), key
+    torch._dynamo.reset()
