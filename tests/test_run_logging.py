@@ -167,3 +167,30 @@ def test_train_py_waits_for_the_device_at_logging_steps_only(data_dir, tmp_path)
     assert len(counts) == 11 and counts[4] > 0 and counts[9] > 0  # the logging steps read their values
     # batches 2..9 but the logging steps (the last one's window holds the epoch's end)
     assert [c for i, c in enumerate(counts[:-1]) if i >= 2 and i not in (4, 9)] == [0] * 6, counts
+
+
+@pytest.mark.parametrize(
+    "overrides, bar",
+    [([], ProgressBar), (["callbacks.progress_bar=null"], None), (["callbacks=none"], None)],
+    ids=["default", "null", "callbacks=none"],
+)
+def test_a_progress_bar_only_where_one_is_configured(tmp_path, overrides, bar):
+    """``callbacks.progress_bar=null`` means no bar: Lightning would add its own RichProgressBar,
+    which reads its metrics from the device after every batch. ``trainer.enable_progress_bar=true``
+    asks for Lightning's."""
+    from fusionvae.training.build import build
+
+    trainer = build(compose_cfg("train", ["logger=none", f"paths.output_dir={tmp_path}", *overrides]))[2]
+    assert (trainer.progress_bar_callback is None) if bar is None else type(trainer.progress_bar_callback) is bar
+    asked = build(
+        compose_cfg(
+            "train",
+            [
+                "logger=none",
+                f"paths.output_dir={tmp_path}",
+                "callbacks.progress_bar=null",
+                "+trainer.enable_progress_bar=true",
+            ],
+        )
+    )[2]
+    assert type(asked.progress_bar_callback).__name__ in ("RichProgressBar", "TQDMProgressBar")

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar as AnyProgressBar
 from omegaconf import DictConfig
 
 from fusionvae.training.run_name import run_name
@@ -70,8 +71,13 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
     clip = cfg.trainer.get("gradient_clip_val")
     if model is not None and clip:
         model.step_engine.clip = float(clip)
+    # a progress bar where callbacks.progress_bar configures one, none where it is null (Lightning
+    # would add its own, which reads its metrics from the device after every batch); an explicit
+    # trainer.enable_progress_bar wins
+    configured = any(isinstance(c, AnyProgressBar) for c in callbacks)
+    bar = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": configured}
     trainer = instantiate(
-        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False, gradient_clip_val=None
+        cfg.trainer, precision=precision, callbacks=callbacks, logger=loggers or False, gradient_clip_val=None, **bar
     )
     return datamodule, model, trainer
 
