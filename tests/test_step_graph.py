@@ -30,7 +30,9 @@ class CapturingStepGraphs(StepGraphs):
     """Warm-ups and the capture run the step as they are (no CUDA stream or graph; a replay does
     nothing); counts captures and lists what each capture would wait for (none may)."""
 
-    captured = 0
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.captured, self.waits = 0, []
 
     def _warm(self, step, batch):
         return step(batch)
@@ -39,7 +41,7 @@ class CapturingStepGraphs(StepGraphs):
         self.captured += 1
         with HostWaits() as waits:
             outputs = step(static_batch)
-        self.waits = [*getattr(self, "waits", []), *waits.ops]
+        self.waits += waits.ops
         return (lambda: None), outputs
 
 
