@@ -5,6 +5,7 @@ capture itself is tested on a GPU (tests/test_gpu.py)."""
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -190,3 +191,56 @@ def test_a_capture_reads_nothing_even_when_the_first_steps_were_skipped():
     shape = tuple(batch().shape)
     assert graphs.captured == 2 and graphs.waits == []
     assert set(graphs.graphs) == {(2, shape, True), (2, shape, False)}  # steps 0-2, then 3-5
+
+
+class ReplayedByHand(StepGraphs):
+    """After the warm-ups, every step is 'replayed': its update runs without Lightning's Python (the
+    step with the bare optimiser), as a CUDA graph's replay does, and ``run`` says so."""
+
+    replays = 0
+
+    def run(self, key, batch, step):
+        self.seen[key] += 1
+        if self.seen[key] <= self.warmup:
+            return step(batch), False
+        self.replays += 1
+        optimiser = step.keywords["opt"].optimizer
+        bare = types.SimpleNamespace(optimizer=optimiser, step=optimiser.step)
+        return step.func(batch, **{**step.keywords, "opt": bare}), True
+
+
+def test_replayed_steps_are_counted_by_lightning_and_train_as_eager_steps(data_dir, tmp_path):
+    """The real Trainer with replays stood in for: Lightning counts every replayed step once (its
+    global_step, the checkpoint's, the logged rows), and the weights end as an eager run's, bit
+    for bit (the same ops on the CPU)."""
+    from fusionvae.training.build import build
+    from tests.conftest import TINY, compose_cfg
+
+    runs = {}
+    for name in ("eager", "replayed"):
+        cfg = compose_cfg(
+            "train",
+            [
+                *TINY,
+                f"paths.data_dir={data_dir}",
+                f"paths.output_dir={tmp_path / name}",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=7",
+                "trainer.limit_val_batches=0",
+                "trainer.log_every_n_steps=1",
+                "callbacks.log_interval=null",
+            ],
+        )
+        datamodule, model, trainer = build(cfg)
+        model.draw_k = lambda: 2  # one key after the first step: 2 warm-ups, then replays
+        if name == "replayed":
+            model.step_graphs = graphs = ReplayedByHand(warmup=2)
+        trainer.fit(model, datamodule=datamodule)
+        runs[name] = (model, trainer)
+    (eager, eager_trainer), (replayed, trainer) = runs["eager"], runs["replayed"]
+    assert graphs.replays == 4 and trainer.global_step == eager_trainer.global_step == 7
+    assert int(replayed.optimizers().optimizer.steps_done()) == 7
+    assert torch.load(tmp_path / "replayed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert torch.equal(replayed.step_engine.flat, eager.step_engine.flat)
+    logged = (tmp_path / "replayed" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert len([row for row in logged[1:] if row.split(",")[0]]) == 7  # a row of train/ metrics per step
