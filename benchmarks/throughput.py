@@ -202,8 +202,8 @@ def main() -> None:
         f"{result['dataset']} batch={batch} K={args.k if args.k is not None else 'random'} {args.device} "
         f"{args.precision}: {result['images_per_s']} images/s ({result['ms_per_step']} ms/step, median of "
         f"{len(meter.times)}), peak {result['peak_mib']} MiB ({result['peak_kind']}), {meter.ops} leaf ATen ops/step "
-        f"({meter.kernel_ops} with a kernel), {result['host_syncs_per_step']} host syncs {meter.syncs or ''}, "
-        f"{result['gflop_per_step']} GFLOP/step"
+        f"({meter.kernel_ops} with a kernel), {result['host_syncs_per_step']} host syncs"
+        f"{f' {meter.syncs}' if meter.syncs else ''}, {result['gflop_per_step']} GFLOP/step"
     )
     print(json.dumps(result))
 

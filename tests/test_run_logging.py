@@ -64,7 +64,8 @@ def test_the_logging_interval_gives_a_short_run_curves(steps, configured, expect
 
 
 class PbarModule(L.LightningModule):
-    """One parameter; logs a device tensor to the progress bar every step, as the FusionVAE module does."""
+    """One parameter; logs a device tensor to the progress bar every step (the FusionVAE module no
+    longer does: Lightning would read it after every batch)."""
 
     def __init__(self):
         super().__init__()
